@@ -1,0 +1,515 @@
+"""
+GPT-2, from scratch, in one file that reads top to bottom.
+
+    python train_gpt2.py --preset shakespeare               # a small GPT on a CPU, about 5 minutes
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py  # the GPT-2 124M reproduction (FineWeb-Edu 10B)
+
+The story, in the order it is told below:
+  1. the tokenizer: GPT-2's byte-pair encoding, vendored so it works offline
+  2. the model: config -> attention -> MLP -> block -> GPT
+  3. GPT-2 weights in and out: load OpenAI's checkpoints, export ours for Hugging Face
+  4. sampling, with a KV cache
+  5. loading any model: a GPT-2 name, a Hugging Face directory, or one of our checkpoints
+  6. the data loader: memory-mapped token shards, shuffled, split across GPUs, resumable
+  7. training settings: one dataclass that is also the command line
+  8. the optimizer and the learning-rate schedule
+  9. checkpoints that survive preemption
+ 10. the training loop: gradient accumulation, DDP, eval, HellaSwag, samples, logging
+"""
+
+import base64
+import functools
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+class UserError(Exception):
+    """Bad input from the user (a missing file, a wrong size, a typo in a name).
+
+    Command-line entry points print it as one line that says what to do, never as a traceback.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The tokenizer
+#
+# GPT-2 reads bytes, not characters: 256 byte tokens, 50,000 merges learned by byte-pair encoding on
+# WebText, and one special token, <|endoftext|> (id 50256), which separates documents. tiktoken would
+# download the merge table on first use; we ship it (data/gpt2.tiktoken, 0.8 MB) so that training
+# nodes without internet can tokenize.
+
+EOT_TOKEN = 50256  # <|endoftext|>
+# How GPT-2 splits text into words before merging bytes: contractions, letters, digits, punctuation,
+# and whitespace (a run of spaces keeps its last space for the next word, " hello" is one token).
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's tokenizer, built from the vendored ranks (identical to tiktoken.get_encoding("gpt2"))."""
+    ranks = {}
+    with open(DATA_DIR / "gpt2.tiktoken", "rb") as f:
+        for line in f:  # each line: base64(token bytes) rank
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_SPLIT_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. The model
+#
+# A stack of identical blocks, each "communicate, then compute": attention lets every position read
+# from the positions before it, then an MLP transforms each position on its own. Module names match
+# OpenAI's checkpoint (transformer.h.0.attn.c_attn, ...) so that loading it is a copy.
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model can read (number of position embeddings)
+    vocab_size: int = 50257  # tokens the tokenizer produces: 256 bytes + 50,000 merges + <|endoftext|>
+    n_layer: int = 12  # number of blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    # Round the embedding table up to a multiple of this: 64 gives 50304 rows, and matmuls whose sizes
+    # are multiples of 64 run markedly faster on GPUs. The extra rows are tokens that never occur; the
+    # model learns to give them ~zero probability, and sampling never looks at them.
+    vocab_pad_multiple: int = 1
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens already seen, so that sampling one more token
+    costs one position's work instead of re-running the whole sequence."""
+
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated on first use, in the dtype the model computes in (bf16 under autocast)
+        self.length = 0  # tokens cached so far
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this layer's new keys/values (B, nh, T, hs); return all of them so far (B, nh, length+T, hs)."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values of all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads back into the residual stream
+        self.c_proj.is_residual_projection = True  # see GPT._init_weights
+
+    def forward(self, x, kv_cache=None, layer=0):
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # Split the channels into heads; each head attends on its own: (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is None:
+            # Causal mask: position t may look at positions <= t. SDPA runs this as flash attention
+            # where the hardware has it, never materialising the (T, T) attention matrix.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            past = kv_cache.length
+            k, v = kv_cache.append(layer, k, v)  # (B, nh, past+T, hs)
+            if past == 0:  # the prompt: an ordinary causal pass
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif T == 1:  # one new token: it may look at everything before it, no mask needed
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # several new tokens after a cached prefix: query i sees keys up to past+i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        # GPT-2 used the tanh approximation of GELU (it was faster in 2019); we keep it to match its weights.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        # Pre-LayerNorm (GPT-2's change to the original Transformer): the residual stream x itself is
+        # never normalised, so gradients flow straight from the loss to the first layer.
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings (learned)
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),  # pre-LN leaves the stream un-normalised: normalise once at the end
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying: the same matrix maps token -> vector at the input and vector -> token scores at
+        # the output. Tokens that mean similar things should look similar at both ends, and it saves
+        # 38.6M parameters (30% of the 124M model). GPT-2 does this.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2's init: N(0, 0.02) everywhere, zero biases, LayerNorms at (1, 0). Each block adds two
+        # residual projections to the stream, so its variance would grow with depth; scaling those
+        # weights by (2 * n_layer)^-0.5 keeps the stream at unit scale at any depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Parameters, counting the tied embedding once (124,439,808 for GPT-2 small)."""
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx: (B, T) token ids. Returns (logits, loss).
+
+        With targets (B, T), loss is the mean cross-entropy and logits cover the padded vocab (slicing
+        would cost a copy of the largest tensor in training). Without targets, logits cover only the
+        real vocab (B, T, vocab_size), so padded rows can never be sampled or scored.
+        """
+        B, T = idx.size()
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts over B
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if targets is None:
+            return logits[..., : self.config.vocab_size], None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return logits, loss
+
+    # -----------------------------------------------------------------------------------------------
+    # 3. GPT-2 weights in and out
+    #
+    # OpenAI's checkpoints (and Hugging Face's GPT2LMHeadModel) use a "Conv1D" layer that stores its
+    # weight as (in, out), the transpose of nn.Linear's (out, in). Everything else is copied as is.
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, vocab_pad_multiple: int = 1) -> "GPT":
+        """Load gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded by transformers), or any directory
+        written by GPT2LMHeadModel.save_pretrained."""
+        if not os.path.isdir(name_or_dir) and name_or_dir not in GPT2_SIZES:
+            if os.sep in name_or_dir or name_or_dir.startswith("."):
+                raise UserError(f"model directory {name_or_dir!r} does not exist")
+            raise UserError(
+                f"unknown model {name_or_dir!r}: use one of {', '.join(GPT2_SIZES)}, "
+                "or a directory written by GPT2LMHeadModel.save_pretrained"
+            )
+        from transformers import GPT2LMHeadModel  # imported here: only this path needs transformers
+
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except (OSError, ValueError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load {name_or_dir!r} with transformers: {first_line}") from e
+        hf = hf_model.config
+        # Variants of GPT2Config that this model does not implement: refuse rather than be subtly wrong.
+        unsupported = {
+            "activation_function": (hf.activation_function, "gelu_new"),
+            "scale_attn_by_inverse_layer_idx": (hf.scale_attn_by_inverse_layer_idx, False),
+            "reorder_and_upcast_attn": (hf.reorder_and_upcast_attn, False),
+            "scale_attn_weights": (hf.scale_attn_weights, True),
+            "n_inner": (hf.n_inner, None),
+        }
+        for key, (value, expected) in unsupported.items():
+            if value != expected and not (key == "n_inner" and value == 4 * hf.n_embd):
+                raise UserError(f"{name_or_dir}: GPT2Config.{key}={value!r} is not supported (expected {expected!r})")
+        config = GPTConfig(
+            block_size=hf.n_positions,
+            vocab_size=hf.vocab_size,
+            n_layer=hf.n_layer,
+            n_head=hf.n_head,
+            n_embd=hf.n_embd,
+            vocab_pad_multiple=vocab_pad_multiple,
+        )
+        model = cls(config)
+        hf_state = hf_model.state_dict()
+        our_state = {}
+        for key, value in hf_state.items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older versions
+                continue
+            if key.endswith(CONV1D_WEIGHTS):
+                value = value.t()
+            our_state[key] = value
+        load_state_dict_checked(model, our_state, source=name_or_dir)
+        return model
+
+    def to_hf(self):
+        """This model as a transformers.GPT2LMHeadModel carrying the same weights (padded rows dropped)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        hf_config = GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            activation_function="gelu_new",  # HF's name for GELU(tanh)
+            resid_pdrop=0.0,  # we train without dropout
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=1e-5,
+            bos_token_id=EOT_TOKEN,
+            eos_token_id=EOT_TOKEN,
+            tie_word_embeddings=True,
+        )
+        hf_model = GPT2LMHeadModel(hf_config)
+        hf_state = {}
+        for key, value in self.state_dict().items():
+            if key.endswith(CONV1D_WEIGHTS):
+                value = value.t()
+            if key in ("transformer.wte.weight", "lm_head.weight"):
+                value = value[: c.vocab_size]  # drop the padding rows
+            hf_state[key] = value.detach().float().contiguous()
+        missing, unexpected = hf_model.load_state_dict(hf_state, strict=False)
+        missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+        assert not missing and not unexpected, f"export mismatch: missing {missing}, unexpected {unexpected}"
+        hf_model.tie_weights()
+        return hf_model.eval()
+
+    def save_hf(self, out_dir) -> None:
+        """Write a Hugging Face GPT-2 directory (weights, config, tokenizer): it loads with
+        GPT2LMHeadModel.from_pretrained(out_dir), in pipelines and in lm-evaluation-harness."""
+        import json
+        import shutil
+
+        self.to_hf().save_pretrained(out_dir)
+        # GPT-2's tokenizer in Hugging Face's file format (vocab.json + merges.txt), from the vendored
+        # copies of OpenAI's files: AutoTokenizer.from_pretrained(out_dir) then needs no download.
+        shutil.copyfile(DATA_DIR / "encoder.json", Path(out_dir) / "vocab.json")
+        shutil.copyfile(DATA_DIR / "vocab.bpe", Path(out_dir) / "merges.txt")
+        tokenizer_config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": self.config.block_size,
+            **{k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")},
+        }
+        (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+    # -----------------------------------------------------------------------------------------------
+    # 4. Sampling
+    #
+    # Autoregressive: score the prompt, pick a next token from the last position's distribution, append
+    # it, repeat. With the KV cache each step feeds only the new token; without it each step re-runs
+    # the whole sequence (the tests check that both give the same tokens).
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        stop_at_eot: bool = False,
+        use_kv_cache: bool = True,
+    ):
+        """idx: (B, T) prompt tokens, the same length in every row. Returns (B, T + n), n <= max_new_tokens.
+
+        temperature 0 is greedy decoding. With stop_at_eot, a row that produced <|endoftext|> is padded
+        with it, and generation ends once every row has.
+        """
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise UserError(
+                f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size {self.config.block_size}"
+            )
+        kv_cache = KVCache(self.config, B) if use_kv_cache else None
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logits, _ = self(idx, kv_cache=kv_cache)  # the whole prompt in one pass
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if stop_at_eot:
+                next_token = torch.where(finished[:, None], EOT_TOKEN, next_token)
+                finished |= next_token[:, 0] == EOT_TOKEN
+            idx = torch.cat([idx, next_token], dim=1)
+            if step == max_new_tokens - 1 or (stop_at_eot and finished.all()):
+                break
+            logits, _ = self(next_token if kv_cache is not None else idx, kv_cache=kv_cache)
+        return idx
+
+
+# OpenAI's four GPT-2 sizes (all with block_size 1024, vocab 50257).
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+# Weights stored as Conv1D (in, out) in OpenAI's/HF's checkpoints, (out, in) here.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with one-line errors. Embedding rows beyond the source's vocab (padding) keep
+    their init, so a 50257-row GPT-2 loads into a 50304-row model for fine-tuning."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for key, value in state.items():
+            target = ours[key]
+            padded_rows = key in ("transformer.wte.weight", "lm_head.weight") and value.size(0) < target.size(0)
+            if value.shape[1:] != target.shape[1:] or (value.shape[0] != target.shape[0] and not padded_rows):
+                raise UserError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, this model expects {tuple(target.shape)} "
+                    "(was it saved from a model of another size?)"
+                )
+            target[: value.size(0)].copy_(value)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, vocab). Returns (B, 1).
+
+    temperature 0: greedy. top_k: sample only among the k most likely tokens. top_p (nucleus): only
+    among the smallest set of most likely tokens whose probabilities add up to top_p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the best one always stays).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Loading any model
+#
+# Every tool here (training with --init_from, sample.py, hellaswag.py, validate.py, the notebooks)
+# takes the same kind of model reference: a GPT-2 name, a Hugging Face directory, a checkpoint file
+# written by this script, or a run folder (its newest checkpoint).
+
+CHECKPOINT_GLOB = "ckpt_*.pt"  # run_dir/ckpt_000250.pt, ckpt_000500.pt, ...
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' picks cuda > mps > cpu."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def find_latest_checkpoint(run_dir) -> Path | None:
+    """The newest checkpoint in a run folder (by step number in its name), or None."""
+    checkpoints = sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by this script. weights_only=True: a checkpoint downloaded from
+    someone else cannot run code on load."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a zip, pickled objects we refuse to load, ...
+        raise UserError(f"checkpoint {path} is unreadable (corrupt or truncated?): {type(e).__name__}") from e
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py (no 'model'/'model_config')")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> GPT:
+    try:
+        config = GPTConfig(**checkpoint["model_config"])
+    except TypeError as e:
+        raise UserError(f"{source}: model_config does not describe a GPTConfig ({e})") from e
+    model = GPT(config)
+    load_state_dict_checked(model, checkpoint["model"], source=source)
+    return model
+
+
+def load_model(init_from: str, device: str = "cpu") -> GPT:
+    """A GPT-2 name (gpt2, gpt2-medium, ...), an HF directory, a checkpoint file, or a run folder."""
+    path = Path(init_from)
+    if path.is_dir() and not (path / "config.json").exists():  # a run folder: its newest checkpoint
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise UserError(f"{path} holds no {CHECKPOINT_GLOB} checkpoints and is not a Hugging Face directory")
+        path = latest
+    if path.is_file() or path.suffix == ".pt":
+        model = model_from_checkpoint(load_checkpoint(path), source=str(path))
+    else:
+        model = GPT.from_pretrained(init_from)
+    return model.to(device).eval()
