@@ -21,6 +21,7 @@ import base64
 import functools
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +39,14 @@ class UserError(Exception):
 
     Command-line entry points print it as one line that says what to do, never as a traceback.
     """
+
+
+def run_main(main) -> None:
+    """Run a script's main(); a UserError ends it with `error: <message>` on stderr and exit code 1."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 # ---------------------------------------------------------------------------------------------------
