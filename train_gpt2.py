@@ -25,6 +25,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import torch
 import torch.nn as nn
@@ -522,3 +523,127 @@ def load_model(init_from: str, device: str = "cpu") -> GPT:
     else:
         model = GPT.from_pretrained(init_from)
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. The data loader
+#
+# fineweb.py writes the corpus as shards of uint16 token ids ({name}_val_000000.npy, {name}_train_000001.npy,
+# ...), documents separated by <|endoftext|>. Training cuts each shard into windows of B*T+1 tokens
+# (B*T inputs, the same shifted by one as targets; consecutive windows share one token), and:
+#  - memory-maps the shards: the OS pages in what is read, and no rank ever holds a whole shard;
+#  - shuffles every epoch, from one seed that all ranks share: the shard order, then the window order
+#    inside each shard (a fixed order shows as a periodic pattern in the loss);
+#  - deals the epoch's windows round-robin to the ranks, so ranks never read the same data and
+#    together read every full window (only a shard's tail shorter than one window is skipped);
+#  - can say where it is (state_dict) so that a resumed run sees exactly the batches it would have.
+
+
+def find_shards(data_dir, split: str) -> list[Path]:
+    shards = sorted(Path(data_dir).glob(f"*_{split}_*.npy"))
+    if not shards:
+        raise UserError(
+            f"no {split} shards (*_{split}_*.npy) in {data_dir}/: run `python fineweb.py` to make them "
+            "(or train with --preset shakespeare, which prepares its own)"
+        )
+    return shards
+
+
+def open_shard(path: Path):
+    tokens = np.load(path, mmap_mode="r")  # memory-mapped: nothing is read until it is used
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(f"{path} is not a shard of GPT-2 tokens (expected 1-D uint16, got {tokens.ndim}-D {tokens.dtype})")
+    return tokens
+
+
+def to_device(window: np.ndarray, B: int, T: int, device: str):
+    """(B*T+1,) uint16 tokens -> inputs x and targets y, each (B, T) int64 on the device."""
+    buf = torch.from_numpy(window.astype(np.int64))
+    x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+    if device.startswith("cuda"):  # pinned memory: the copy runs asynchronously, overlapping compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class TrainLoader:
+    """Shuffled (B, T) training batches for one rank, resumable."""
+
+    def __init__(self, data_dir, B: int, T: int, rank=0, world_size=1, seed=1337, vocab_size=50257, device="cpu"):
+        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        self.seed, self.vocab_size, self.device = seed, vocab_size, device
+        self.shards = [open_shard(p) for p in find_shards(data_dir, "train")]
+        window = B * T
+        # Full windows per shard: the last window needs one more token for its final target.
+        self.windows_per_shard = [(len(s) - 1) // window for s in self.shards]
+        self.windows_per_epoch = sum(self.windows_per_shard)
+        if self.windows_per_epoch < world_size:
+            raise UserError(
+                f"the train shards in {data_dir}/ hold {sum(len(s) for s in self.shards):,} tokens, fewer than one "
+                f"batch per rank ({world_size} x B*T+1 = {world_size} x {window + 1:,}): lower --micro_batch_size "
+                "or --block_size, or make bigger shards"
+            )
+        self.batches_per_epoch = self.windows_per_epoch // world_size  # per rank; the rest (< 1 per rank) is skipped
+        self.epoch, self.position = 0, 0  # position: batches this rank has taken in this epoch
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Every (shard, start) window of the epoch, in this epoch's shuffled order. Same on every rank."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = []
+        for shard in rng.permutation(len(self.shards)):
+            starts = rng.permutation(self.windows_per_shard[shard]) * (self.B * self.T)
+            order.append(np.stack([np.full_like(starts, shard), starts], axis=1))
+        return np.concatenate(order)
+
+    def next_batch(self):
+        if self.position == self.batches_per_epoch:  # epoch done: reshuffle
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        shard, start = self._order[self.position * self.world_size + self.rank]  # round-robin over ranks
+        self.position += 1
+        window = self.shards[shard][start : start + self.B * self.T + 1]
+        if window.max() >= self.vocab_size:
+            raise UserError(
+                f"token id {int(window.max())} in train shard {shard} is >= the model's vocab_size {self.vocab_size}: "
+                "were these shards made with another tokenizer?"
+            )
+        return to_device(window, self.B, self.T, self.device)
+
+    def state_dict(self) -> dict:
+        # Counted in windows of the whole job, so a run resumed on another number of GPUs carries on
+        # at the same point of the epoch.
+        return dict(seed=self.seed, epoch=self.epoch, windows_taken=self.position * self.world_size, B=self.B, T=self.T)
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["B"], state["T"], state["seed"]) != (self.B, self.T, self.seed):
+            raise UserError(
+                f"the checkpoint's data loader used B={state['B']}, T={state['T']}, seed={state['seed']}; "
+                f"this run uses B={self.B}, T={self.T}, seed={self.seed}: resume with the same settings"
+            )
+        self.epoch, self.position = state["epoch"], state["windows_taken"] // self.world_size
+        self._order = self._epoch_order(self.epoch)
+
+
+class ValLoader:
+    """A fixed set of validation sequences, the same whatever the number of ranks or the micro-batch.
+
+    The first val_tokens // T sequences of the val split are dealt round-robin to the ranks; each rank
+    sums its token losses, and an all-reduce of (loss sum, token count) gives the mean over them all.
+    """
+
+    def __init__(self, data_dir, B: int, T: int, val_tokens: int, rank=0, world_size=1, device="cpu"):
+        self.B, self.T, self.device = B, T, device
+        self.shards = [open_shard(p) for p in find_shards(data_dir, "val")]
+        starts = [(i, s * T) for i, shard in enumerate(self.shards) for s in range((len(shard) - 1) // T)]
+        if not starts:
+            raise UserError(f"the val shards in {data_dir}/ hold fewer than block_size+1 = {T + 1} tokens")
+        self.num_sequences = min(len(starts), max(1, val_tokens // T))
+        self.total_tokens = self.num_sequences * T  # evaluated by all ranks together
+        self.starts = starts[rank : self.num_sequences : world_size]  # this rank's sequences
+
+    def batches(self):
+        for i in range(0, len(self.starts), self.B):
+            group = self.starts[i : i + self.B]
+            x = np.stack([self.shards[s][a : a + self.T + 1] for s, a in group]).astype(np.int64)
+            x = torch.from_numpy(x)
+            yield x[:, :-1].to(self.device), x[:, 1:].to(self.device)

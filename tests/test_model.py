@@ -1,0 +1,222 @@
+"""The model provably matches GPT-2: Hugging Face's GPT2LMHeadModel is the reference."""
+
+import math
+
+import pytest
+import tiktoken
+import torch
+from conftest import assert_one_line_error, run_script
+
+import train_gpt2 as t
+
+
+def random_hf_model(tmp_path, **shape):
+    """A randomly initialised transformers GPT-2 of the given shape, saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_model = GPT2LMHeadModel(GPT2Config(**shape)).eval()
+    # Random-init HF biases and LayerNorms are 0/1; give them values so that a wrong copy shows up.
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.02)
+    hf_model.save_pretrained(tmp_path)
+    return hf_model
+
+
+# Two shapes: a small one whose n_head differs from n_layer, and the full GPT-2 124M.
+SHAPES = {
+    "small": dict(vocab_size=50257, n_positions=128, n_embd=96, n_layer=3, n_head=4),
+    "gpt2-124M": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_from_pretrained_matches_hugging_face(shape, tmp_path):
+    hf_model = random_hf_model(tmp_path, **SHAPES[shape])
+    model = t.GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config.n_layer == SHAPES[shape]["n_layer"] and model.config.n_head == SHAPES[shape]["n_head"]
+
+    enc = t.get_tokenizer()
+    tokens = torch.tensor([enc.encode("The quick brown fox jumps over the lazy dog, and then it sleeps for a while.")])
+    with torch.no_grad():
+        ours, _ = model(tokens)
+        theirs = hf_model(tokens).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+
+        # Same loss on the same targets (HF shifts labels inside; we pass shifted targets).
+        _, our_loss = model(tokens[:, :-1], tokens[:, 1:])
+        their_loss = hf_model(tokens, labels=tokens).loss
+        assert our_loss.item() == pytest.approx(their_loss.item(), abs=1e-5)
+
+    # Identical greedy continuations to HF generate(do_sample=False).
+    prompt = tokens[:, :6]
+    ours = model.generate(prompt, max_new_tokens=24, temperature=0)
+    theirs = hf_model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=t.EOT_TOKEN)
+    assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize("vocab_pad_multiple", [1, 64])
+def test_export_round_trip_to_hugging_face(vocab_pad_multiple, tmp_path):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=48, vocab_pad_multiple=vocab_pad_multiple)
+    model = t.GPT(config).eval()
+    assert model.transformer.wte.weight.size(0) == (50304 if vocab_pad_multiple == 64 else 50257)
+    model.save_hf(tmp_path)
+
+    hf_model = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf_model.config.vocab_size == 50257
+    tokens = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        assert (model(tokens)[0] - hf_model(tokens).logits).abs().max().item() <= 1e-5
+    # The exported directory carries GPT-2's tokenizer too, with no download.
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tokenizer("Hello, I'm a language model,").input_ids == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    # And it loads back into our model unchanged.
+    again = t.GPT.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert (again(tokens)[0] - model(tokens)[0]).abs().max().item() <= 1e-5
+
+
+def test_padded_vocab_is_never_sampled():
+    torch.manual_seed(0)
+    model = t.GPT(t.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, vocab_pad_multiple=64)).eval()
+    with torch.no_grad():  # make the padded rows the most likely tokens by far
+        model.lm_head.weight[50257:] = 10.0
+    logits, _ = model(torch.zeros(1, 4, dtype=torch.long))
+    assert logits.size(-1) == 50257
+    out = model.generate(torch.zeros(4, 4, dtype=torch.long), max_new_tokens=20, temperature=1.0)
+    assert out.max().item() < 50257
+    assert t.get_tokenizer().decode(out[0].tolist())  # decodes without error
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = t.GPTConfig(**{**dict(block_size=64, n_layer=2, n_head=4, n_embd=64), **overrides})
+    return t.GPT(config).eval()
+
+
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.8, top_k=50, top_p=0.9)]
+)
+def test_kv_cache_generation_equals_full_recomputation(sampling):
+    model = tiny_model()
+    prompt = torch.randint(0, 50257, (3, 7))
+    outputs = []
+    for use_kv_cache in (True, False):
+        generator = torch.Generator().manual_seed(123)
+        outputs.append(model.generate(prompt, 40, generator=generator, use_kv_cache=use_kv_cache, **sampling))
+    assert outputs[0].shape == (3, 47)
+    assert outputs[0].tolist() == outputs[1].tolist()
+
+
+def test_kv_cache_chunked_prefill_matches_one_pass():
+    """Feeding a sequence in chunks through the cache gives the logits of one full pass."""
+    model = tiny_model()
+    tokens = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        cache = t.KVCache(model.config, batch_size=2)
+        parts = [model(tokens[:, a:b], kv_cache=cache)[0] for a, b in [(0, 10), (10, 11), (11, 30)]]
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_sampling_is_seedable_and_respects_top_k_and_top_p():
+    model = tiny_model()
+    prompt = torch.randint(0, 50257, (2, 5))
+    a = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    c = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(8))
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {t.sample_next_token(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert picks == {0, 1}
+    # softmax([4,3,2,1,0]) = [.636, .234, .086, .032, .012]: top_p 0.8 keeps the first two tokens.
+    picks = {t.sample_next_token(logits, top_p=0.8, generator=g).item() for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {t.sample_next_token(logits, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert picks == {0}
+    assert t.sample_next_token(logits, temperature=0).item() == 0
+
+
+def test_stop_at_end_of_text():
+    model = tiny_model()
+    with torch.no_grad():  # make <|endoftext|> the certain next token
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[t.EOT_TOKEN, 0] = 30.0  # e^30 outweighs 50,256 tokens at e^0
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 30, temperature=1.0, stop_at_eot=True)
+    assert out.shape == (2, 4) and out[:, -1].tolist() == [t.EOT_TOKEN] * 2
+
+
+def test_generation_longer_than_block_size_is_refused():
+    model = tiny_model()
+    with pytest.raises(t.UserError, match="block_size"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
+    assert model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=4).shape == (1, 64)
+
+
+def test_default_config_is_gpt2_124m_and_starts_at_chance():
+    model = t.GPT(t.GPTConfig())
+    assert model.num_params() == 124_439_808
+    assert model.transformer.wte.weight is model.lm_head.weight  # tied
+    # Residual projections use the scaled init; others 0.02.
+    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(24), rel=0.05)
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 50257, (2, 128)), torch.randint(0, 50257, (2, 128))
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50257)) < 0.1
+    assert t.GPT(t.GPTConfig(vocab_pad_multiple=64)).transformer.wte.weight.shape == (50304, 768)
+
+
+def test_tokenizer_matches_tiktoken_offline(shared_data):
+    enc = t.get_tokenizer()
+    assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [t.EOT_TOKEN]
+    assert enc.n_vocab == 50257
+    reference = tiktoken.get_encoding("gpt2")  # from the cache copy set up in conftest.py, no network
+    import json
+
+    texts = [(shared_data / "tinyshakespeare.txt").read_text()]
+    for name in ("fineweb_edu_sample.jsonl", "fineweb_legal_sample.jsonl"):
+        with open(shared_data / name) as f:
+            texts += [json.loads(line)["text"] for line in f][:600]
+    total = 0
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        assert ids == reference.encode_ordinary(text)
+        total += len(ids)
+    assert total > 1_000_000
+
+
+def test_bad_model_references_give_one_line_errors(tmp_path):
+    with pytest.raises(t.UserError, match="unknown model 'gpt3'"):
+        t.load_model("gpt3")
+    with pytest.raises(t.UserError, match="does not exist"):
+        t.load_model(str(tmp_path / "nope" / "model_dir"))
+
+    # A checkpoint whose weights do not fit its config.
+    model = tiny_model()
+    state = model.state_dict()
+    state["transformer.wpe.weight"] = torch.zeros(32, 64)
+    torch.save({"model": state, "model_config": {**vars(model.config)}}, tmp_path / "ckpt_000001.pt")
+    with pytest.raises(t.UserError, match=r"wpe.weight has shape \(32, 64\)"):
+        t.load_model(str(tmp_path / "ckpt_000001.pt"))
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(t.UserError, match="unreadable"):
+        t.load_model(str(tmp_path / "broken.pt"))
+
+    # Through the command line: one line, no traceback.
+    assert_one_line_error(run_script("sample.py", "--init_from", "gpt3"), "unknown model")
+    assert_one_line_error(run_script("sample.py", "--init_from", tmp_path / "ckpt_000001.pt"), "wpe.weight")
+    assert_one_line_error(run_script("validate.py", tmp_path / "missing_dir/"), "does not exist")
