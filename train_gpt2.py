@@ -17,19 +17,27 @@ The story, in the order it is told below:
  10. the training loop: gradient accumulation, DDP, eval, HellaSwag, samples, logging
 """
 
+import argparse
 import base64
+import contextlib
 import functools
+import json
 import math
 import os
+import random
+import signal
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -247,7 +255,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         if targets is None:
             return logits[..., : self.config.vocab_size], None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
     # -----------------------------------------------------------------------------------------------
@@ -571,11 +579,15 @@ class TrainLoader:
     def __init__(self, data_dir, B: int, T: int, rank=0, world_size=1, seed=1337, vocab_size=50257, device="cpu"):
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.seed, self.vocab_size, self.device = seed, vocab_size, device
-        self.shards = [open_shard(p) for p in find_shards(data_dir, "train")]
+        paths = find_shards(data_dir, "train")
+        self.shards = [open_shard(p) for p in paths]
         window = B * T
         # Full windows per shard: the last window needs one more token for its final target.
         self.windows_per_shard = [(len(s) - 1) // window for s in self.shards]
         self.windows_per_epoch = sum(self.windows_per_shard)
+        too_small = [p.name for p, n in zip(paths, self.windows_per_shard) if n == 0]
+        if too_small and rank == 0:
+            print(f"note: skipping train shards shorter than one batch ({window + 1:,} tokens): {', '.join(too_small)}")
         if self.windows_per_epoch < world_size:
             raise UserError(
                 f"the train shards in {data_dir}/ hold {sum(len(s) for s in self.shards):,} tokens, fewer than one "
@@ -647,3 +659,545 @@ class ValLoader:
             x = np.stack([self.shards[s][a : a + self.T + 1] for s, a in group]).astype(np.int64)
             x = torch.from_numpy(x)
             yield x[:, :-1].to(self.device), x[:, 1:].to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Training settings
+#
+# One dataclass: its fields are the command-line flags (--help prints each help text), it is printed
+# at start and saved as config.json beside the log. The defaults are the GPT-2 124M reproduction on
+# FineWeb-Edu 10B, the numbers of the GPT-3 paper's "small" model (GPT-2 itself never published them).
+
+
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str = setting("edu_fineweb10B", "folder of token shards written by fineweb.py")
+    val_tokens: int = setting(10_485_760, "val tokens per evaluation (20 x 2^19), the same for any number of GPUs")
+    data_seed: int = setting(1337, "seed of the per-epoch shuffle of shards and windows")
+    # model
+    init_from: str = setting("scratch", "scratch | gpt2[-medium|-large|-xl] | a Hugging Face dir | a checkpoint .pt")
+    block_size: int = setting(1024, "sequence length T")
+    n_layer: int = setting(12, "blocks (for --init_from scratch)")
+    n_head: int = setting(12, "attention heads per block (for --init_from scratch)")
+    n_embd: int = setting(768, "width of the residual stream (for --init_from scratch)")
+    vocab_pad_multiple: int = setting(64, "pad the vocab to a multiple of this (64: 50257 -> 50304, faster on GPUs)")
+    # batch: total_batch_size = micro_batch_size * block_size * world_size * grad_accum_steps
+    total_batch_size: int = setting(524_288, "tokens per optimizer step, over all GPUs (2^19 ~ 0.5M, as GPT-3 small)")
+    micro_batch_size: int = setting(64, "sequences per forward/backward on each GPU (lower it if you run out of memory)")
+    # optimizer and schedule
+    max_lr: float = setting(6e-4, "peak learning rate, after warmup")
+    min_lr_ratio: float = setting(0.1, "the cosine decays to max_lr * this")
+    warmup_steps: int = setting(715, "linear warmup (375M tokens, as GPT-3)")
+    max_steps: int = setting(19_073, "optimizer steps (19,073 x 2^19 = 10B tokens, one epoch of FineWeb-Edu 10B)")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on 2-D weights only (not biases, LayerNorms)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    max_bad_steps: int = setting(5, "stop after this many non-finite losses/gradients in a row")
+    # evaluation and samples
+    eval_interval: int = setting(250, "steps between val loss / HellaSwag evaluations (0 = never)")
+    hellaswag: bool = setting(True, "evaluate HellaSwag every eval_interval (needs hellaswag.py's data)")
+    hellaswag_data: str = setting("", "path of hellaswag_val.jsonl (default: $HELLASWAG_DATA, else download)")
+    hellaswag_limit: int = setting(0, "evaluate only the first N HellaSwag examples (0 = all 10,042)")
+    sample_interval: int = setting(250, "steps between printed samples (0 = never)")
+    num_samples: int = setting(4, "samples printed each time")
+    sample_tokens: int = setting(32, "tokens per sample")
+    sample_prompt: str = setting("Hello, I'm a language model,", "prompt of the printed samples")
+    # checkpoints and logs
+    log_dir: str = setting("log", "run folder: log.txt, config.json, checkpoints")
+    checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: int = setting(3, "keep the newest K checkpoints")
+    resume: bool = setting(False, "continue from the newest checkpoint in log_dir (starts fresh if there is none)")
+    stop_after_step: int = setting(0, "stop with a checkpoint after this many steps, as if preempted (0 = run to max_steps)")
+    overwrite: bool = setting(False, "delete an earlier run's log and checkpoints in log_dir and start over")
+    # system
+    device: str = setting("auto", "auto (cuda > mps > cpu) | cuda | cuda:N | mps | cpu")
+    dtype: str = setting("auto", "auto (bfloat16 on GPUs that have it, float16 on older GPUs, else float32) | bfloat16 | float16 | float32")
+    compile: str = setting("auto", "torch.compile the model: auto (on for CUDA) | on | off")
+    seed: int = setting(1337, "seed of the model init")
+    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)")
+
+
+# Settings for a quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU.
+PRESETS = {
+    "shakespeare": dict(
+        data_dir="tinyshakespeare_tokens",
+        val_tokens=16_384,
+        block_size=128,
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        total_batch_size=4096,
+        micro_batch_size=32,
+        max_lr=2e-3,
+        warmup_steps=20,
+        max_steps=200,
+        eval_interval=25,
+        hellaswag=False,
+        sample_interval=100,
+        num_samples=2,
+        sample_prompt="ROMEO:",
+        checkpoint_interval=100,
+    ),
+}
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """The command line, from TrainConfig's fields. --preset NAME changes the defaults; flags win."""
+    parser = argparse.ArgumentParser(description="Train GPT-2. Every setting is a flag; see README.md.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of settings")
+    for f in fields(TrainConfig):
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    args = vars(parser.parse_args(argv))
+    args.pop("preset")
+    return TrainConfig(**args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. The optimizer and the learning-rate schedule
+
+
+def configure_optimizer(model: GPT, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    # Weight decay pulls weights towards zero. It regularises the matmul weights and embeddings; on
+    # biases and LayerNorm gains it would only fight their job, so 1-D parameters are left alone.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(
+        groups,
+        lr=config.max_lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=device_type == "cuda",  # one kernel for all parameters instead of several per parameter
+    )
+
+
+def get_lr(step: int, config: TrainConfig) -> float:
+    """Linear warmup to max_lr, then a cosine down to min_lr at max_steps (GPT-3's schedule)."""
+    min_lr = config.max_lr * config.min_lr_ratio
+    if step < config.warmup_steps:
+        return config.max_lr * (step + 1) / config.warmup_steps
+    if step >= config.max_steps:
+        return min_lr
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. Checkpoints
+#
+# Everything needed to continue as if never stopped: weights, optimizer moments, step, the loader's
+# position, and every random state. Written to a temp file then renamed, so a kill during a save
+# leaves the previous checkpoint intact; only the newest few are kept. Loaded with weights_only=True.
+
+
+def rng_states() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    return dict(
+        python=random.getstate(),
+        numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)), pos=np_state["state"]["pos"],
+                   has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    )
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
+    n = states["numpy"]
+    np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
+                             has_gauss=n["has_gauss"], gauss=n["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizer, loader: TrainLoader, config: TrainConfig,
+                    val_loss, scaler=None) -> Path:
+    checkpoint = dict(
+        model=model.state_dict(),
+        model_config=asdict(model.config),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None else None,
+        step=step,  # optimizer steps completed
+        loader=loader.state_dict(),
+        rng=rng_states(),
+        config=asdict(config),
+        val_loss=val_loss,
+    )
+    path = log_dir / f"ckpt_{step:06d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
+    for old in sorted(log_dir.glob(CHECKPOINT_GLOB))[: -config.keep_checkpoints]:
+        old.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. The training loop
+
+
+def setup_distributed(requested_device: str):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train_gpt2.py` is one process.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device = pick_device(requested_device)
+    if "RANK" not in os.environ:
+        return False, 0, 0, 1, device
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")  # gloo: DDP on CPUs
+    return True, rank, local_rank, world_size, device
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[requested]
+    if device.startswith("cuda"):
+        # bf16 keeps fp32's range, so it needs no loss scaling; GPUs before Ampere (T4, V100) lack it.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPUs without bf16 units run bf16 slower than fp32; MPS is safest in fp32
+
+
+# Dense bf16/fp16 tensor-core peak FLOP/s from the datasheets, matched against the device name in order.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+def peak_flops_for(device: str, dtype: torch.dtype) -> float | None:
+    """The accelerator's peak for MFU, or None where we don't know it (CPU, fp32, unknown GPUs):
+    better no MFU than a wrong one."""
+    if not device.startswith("cuda") or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def flops_per_token(model: GPT, T: int) -> float:
+    """Training FLOPs per token: 6 per parameter (2 forward, 4 backward) plus attention's 12*L*T*d."""
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * T * c.n_embd
+
+
+def train_step(model, optimizer, next_batch, grad_accum_steps: int, autocast, lr: float, grad_clip: float,
+               scaler, ddp: bool):
+    """One optimizer step over grad_accum_steps micro-batches.
+
+    Returns (loss, grad_norm, stepped): the mean loss over all micro-batches and ranks, the gradient
+    norm before clipping, and whether the update was applied (it is skipped when either is not finite).
+    """
+    loss_accum = torch.zeros((), device=optimizer.param_groups[0]["params"][0].device)
+    for micro_step in range(grad_accum_steps):
+        x, y = next_batch()
+        # DDP would all-reduce the gradients after every backward; only the last micro-step needs it.
+        last = micro_step == grad_accum_steps - 1
+        with contextlib.nullcontext() if (last or not ddp) else model.no_sync():
+            with autocast:
+                _, loss = model(x, y)
+            # Gradients add up over backward calls; we want the gradient of the MEAN loss over all
+            # micro-batches, so each micro-batch's (mean) loss counts 1/grad_accum_steps.
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()  # with fp16 the loss is scaled up so small gradients survive
+    if ddp:
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # for the log: the mean over all ranks
+    scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    loss_value, norm_value = torch.stack([loss_accum, grad_norm.float()]).tolist()  # the step's one host sync
+    stepped = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if stepped or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself and lowers its scale
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, stepped
+
+
+@torch.no_grad()
+def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool) -> tuple[float, int]:
+    """Mean loss over the fixed val set, all ranks together. Returns (val_loss, tokens evaluated)."""
+    model.eval()
+    device = val_loader.device
+    loss_sum, token_count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    for x, y in val_loader.batches():
+        with autocast:
+            _, loss = model(x, y)
+        loss_sum += loss.float() * y.numel()  # back from mean to sum, so ranks with fewer tokens weigh less
+        token_count += y.numel()
+    if ddp:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(token_count)
+    model.train()
+    return (loss_sum / token_count).item(), int(token_count.item())
+
+
+class StopRequest:
+    """SIGTERM (cloud preemption, SLURM, `kill`) or SIGINT (Ctrl-C): finish the current step, write a
+    checkpoint and exit 0. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step, with a checkpoint", flush=True)
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def prepare_run_dir(config: TrainConfig, master: bool) -> Path | None:
+    """Create log_dir; return the checkpoint to resume from, if any. Never silently mixes two runs."""
+    log_dir = Path(config.log_dir)
+    latest = find_latest_checkpoint(log_dir) if log_dir.is_dir() else None
+    if config.resume:
+        if latest is None and master:
+            print(f"--resume: no checkpoint in {log_dir}/, starting a new run")
+        return latest
+    earlier = [latest] if latest else []
+    earlier += [p for p in (log_dir / "log.txt",) if p.exists()]
+    if earlier and not config.overwrite:
+        raise UserError(
+            f"{log_dir}/ already holds a run ({earlier[0].name}): add --resume to continue it, --overwrite to "
+            "start over, or choose another --log_dir"
+        )
+    if earlier and master:
+        for p in list(log_dir.glob(CHECKPOINT_GLOB)) + [log_dir / "log.txt"]:
+            p.unlink(missing_ok=True)
+    return None
+
+
+def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
+    if checkpoint is not None:  # resuming: the architecture comes from the checkpoint
+        return model_from_checkpoint(checkpoint, source="the resumed checkpoint")
+    if config.init_from == "scratch":
+        gpt_config = GPTConfig(
+            block_size=config.block_size,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+            vocab_pad_multiple=config.vocab_pad_multiple,
+        )
+        if config.n_embd % config.n_head:
+            raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
+        return GPT(gpt_config)
+    if Path(config.init_from).suffix == ".pt" or Path(config.init_from).is_file():  # fine-tune one of ours
+        return model_from_checkpoint(load_checkpoint(config.init_from), source=config.init_from)
+    return GPT.from_pretrained(config.init_from, vocab_pad_multiple=config.vocab_pad_multiple)
+
+
+def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
+    master = rank == 0  # only rank 0 prints, logs and writes checkpoints
+    say = print if master else (lambda *a, **k: None)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
+
+    # The batch: total_batch_size tokens per optimizer step, made of micro-batches of B sequences of
+    # T tokens on each of world_size ranks, accumulated grad_accum_steps times.
+    B, T = config.micro_batch_size, config.block_size
+    tokens_per_micro_step = B * T * world_size
+    if config.total_batch_size % tokens_per_micro_step:
+        raise UserError(
+            f"--total_batch_size {config.total_batch_size:,} is not a multiple of micro_batch_size x block_size x "
+            f"GPUs = {B} x {T} x {world_size} = {tokens_per_micro_step:,}: change one of them"
+        )
+    grad_accum_steps = config.total_batch_size // tokens_per_micro_step
+    say(f"total batch {config.total_batch_size:,} tokens = {B} x {T} x {world_size} GPUs x {grad_accum_steps} accumulation steps")
+
+    log_dir = Path(config.log_dir)
+    resume_from = prepare_run_dir(config, master)
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None:
+        say(f"resuming from {resume_from} (step {checkpoint['step']})")
+        if checkpoint["step"] >= config.max_steps:
+            say(f"that run already finished its {config.max_steps} steps: nothing to do")
+            return
+
+    # Data. The quick-start corpus is small enough to prepare on the spot.
+    if config.data_dir == PRESETS["shakespeare"]["data_dir"] and not list(Path(config.data_dir).glob("*_train_*.npy")):
+        if master:
+            import fineweb  # imported here: only the quick start needs it
+
+            fineweb.prepare_shakespeare(config.data_dir)
+        if ddp:
+            dist.barrier()
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, checkpoint).to(device)
+    if T > model.config.block_size:
+        raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
+    say(f"model: {model.num_params():,} parameters, {asdict(model.config)}")
+    train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, model.config.vocab_size, device)
+    val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device)
+    say(f"data: {train_loader.windows_per_epoch * B * T:,} train tokens per epoch; {val_loader.total_tokens:,} val tokens per eval")
+
+    dtype = pick_dtype(config.dtype, device)
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    optimizer = configure_optimizer(model, config, device_type)
+
+    start_step, val_loss = 0, None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler") is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        set_rng_states(checkpoint["rng"])
+        start_step, val_loss = checkpoint["step"], checkpoint["val_loss"]
+        del checkpoint
+
+    # torch.compile fuses the model's small operations into a few large kernels. The compiled module
+    # shares its parameters with `model`: training and evaluation use the compiled one, sampling (whose
+    # sequence length changes every token) uses the plain one, so nothing recompiles step after step.
+    use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
+    compiled = torch.compile(model) if use_compile else model
+    train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else compiled
+
+    hellaswag_examples = None
+    if config.hellaswag and config.eval_interval:
+        import hellaswag  # imported here: a run without HellaSwag does not need its data
+
+        hellaswag_examples = hellaswag.load_examples_for_training(config.hellaswag_data, config.hellaswag_limit, master, ddp)
+
+    peak_flops = config.peak_flops or peak_flops_for(device, dtype)
+    flops_per_step = flops_per_token(model, T) * config.total_batch_size
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_dir / "log.txt", "a") if master else None  # appended: a resumed run continues it
+
+    def log(step, stream, value):
+        if master:  # `step stream value`, e.g. `250 val 3.8123`: easy to grep, plot, and append to on resume
+            log_file.write(f"{step} {stream} {value}\n")
+            log_file.flush()
+
+    if master:
+        (log_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    stop = StopRequest()
+    enc = get_tokenizer()
+    bad_steps, step_times = 0, []
+    try:
+        for step in range(start_step, config.max_steps):
+            last_step = step == config.max_steps - 1
+
+            if config.eval_interval and (step % config.eval_interval == 0 or last_step):
+                val_loss, _ = evaluate_val_loss(compiled, val_loader, autocast, ddp)
+                say(f"step {step:5d} | val loss {val_loss:.4f}")
+                log(step, "val", f"{val_loss:.6f}")
+                if hellaswag_examples is not None:
+                    counts = hellaswag.hellaswag_counts(compiled, hellaswag_examples, device, rank=rank, world_size=world_size,
+                                                        autocast=autocast)
+                    counts = torch.tensor([counts["correct_norm"], counts["total"]], device=device)
+                    if ddp:
+                        dist.all_reduce(counts)
+                    acc_norm = counts[0].item() / counts[1].item()
+                    say(f"step {step:5d} | HellaSwag acc_norm {acc_norm:.4f} ({counts[0].item()}/{counts[1].item()})")
+                    log(step, "hella", f"{acc_norm:.4f}")
+
+            if master and config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
+                prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
+                new_tokens = min(config.sample_tokens, model.config.block_size - prompt.size(1))
+                generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
+                with autocast:
+                    samples = model.generate(prompt, new_tokens, top_k=50, generator=generator)
+                for i, row in enumerate(samples.tolist()):
+                    say(f"sample {i}: {enc.decode(row)!r}")
+
+            t0 = time.time()
+            lr = get_lr(step, config)
+            loss, grad_norm, stepped = train_step(train_model, optimizer, train_loader.next_batch, grad_accum_steps,
+                                                  autocast, lr, config.grad_clip, scaler, ddp)
+            dt = time.time() - t0
+            step_times = (step_times + [dt])[-20:]
+            if stepped:
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                log(step, "skipped", "nonfinite")
+                say(f"step {step:5d} | non-finite loss {loss} or grad norm {grad_norm}: update skipped ({bad_steps} in a row)")
+                if bad_steps >= config.max_bad_steps:
+                    last_good = find_latest_checkpoint(log_dir)
+                    raise UserError(
+                        f"{bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: "
+                        f"{last_good or 'none'}. Try a lower --max_lr, --dtype bfloat16/float32, or --resume from it"
+                    )
+
+            tokens_per_sec = config.total_batch_size / dt
+            typical_dt = sorted(step_times[1:] or step_times)[len(step_times[1:] or step_times) // 2]  # median, skipping compile
+            eta = format_duration(typical_dt * (config.max_steps - step - 1))
+            mfu = f"{100 * flops_per_step / dt / (peak_flops * world_size):.1f}%" if peak_flops else "n/a"
+            say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | dt {1000 * dt:.1f}ms | "
+                f"tok/s {tokens_per_sec:,.0f} | MFU {mfu} | ETA {eta}")
+            log(step, "train", f"{loss:.9g}")  # 9 digits tell any two float32 values apart
+            log(step, "lr", f"{lr:.6e}")
+            log(step, "norm", f"{grad_norm:.6g}")
+            log(step, "tok_s", f"{tokens_per_sec:.0f}")
+
+            stop_now = torch.tensor(float(stop.requested), device=device)
+            if ddp:  # every rank must stop at the same step, or the others would wait forever
+                dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+            stop_now = bool(stop_now.item()) or step + 1 == config.stop_after_step
+            if master and (last_step or stop_now or (step + 1) % config.checkpoint_interval == 0):
+                path = save_checkpoint(log_dir, step + 1, model, optimizer, train_loader, config, val_loss, scaler)
+                say(f"saved {path}")
+            if stop_now:
+                say(f"stopped after step {step}; continue with --resume")
+                break
+    finally:
+        stop.restore()
+        if log_file is not None:
+            log_file.close()
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    ddp, rank, local_rank, world_size, device = setup_distributed(config.device)
+    try:
+        train(config, ddp, rank, local_rank, world_size, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
