@@ -522,10 +522,9 @@ def load_model(init_from: str, device: str = "cpu") -> GPT:
     """A GPT-2 name (gpt2, gpt2-medium, ...), an HF directory, a checkpoint file, or a run folder."""
     path = Path(init_from)
     if path.is_dir() and not (path / "config.json").exists():  # a run folder: its newest checkpoint
-        latest = find_latest_checkpoint(path)
-        if latest is None:
-            raise UserError(f"{path} holds no {CHECKPOINT_GLOB} checkpoints and is not a Hugging Face directory")
-        path = latest
+        path = find_latest_checkpoint(path)
+        if path is None:
+            raise UserError(f"{init_from} holds no {CHECKPOINT_GLOB} checkpoints and is not a Hugging Face directory")
     if path.is_file() or path.suffix == ".pt":
         model = model_from_checkpoint(load_checkpoint(path), source=str(path))
     else:
@@ -665,7 +664,7 @@ class ValLoader:
 # 7. Training settings
 #
 # One dataclass: its fields are the command-line flags (--help prints each help text), it is printed
-# at start and saved as config.json beside the log. The defaults are the GPT-2 124M reproduction on
+# at start and saved as train_config.json beside the log. The defaults are the GPT-2 124M reproduction on
 # FineWeb-Edu 10B, the numbers of the GPT-3 paper's "small" model (GPT-2 itself never published them).
 
 
@@ -710,7 +709,7 @@ class TrainConfig:
     sample_tokens: int = setting(32, "tokens per sample")
     sample_prompt: str = setting("Hello, I'm a language model,", "prompt of the printed samples")
     # checkpoints and logs
-    log_dir: str = setting("log", "run folder: log.txt, config.json, checkpoints")
+    log_dir: str = setting("log", "run folder: log.txt, train_config.json, checkpoints")
     checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = setting(3, "keep the newest K checkpoints")
     resume: bool = setting(False, "continue from the newest checkpoint in log_dir (starts fresh if there is none)")
@@ -1112,7 +1111,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
             log_file.flush()
 
     if master:
-        (log_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        (log_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     stop = StopRequest()
     enc = get_tokenizer()
     bad_steps, step_times = 0, []

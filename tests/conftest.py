@@ -39,16 +39,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def run_script(*args, cwd=REPO_ROOT, timeout=600, torchrun_procs=None, env=None):
-    """Run one of the repo's scripts as a user would: `python script.py args` (or under torchrun)."""
+def script_command(*args, torchrun_procs=None):
+    """`python script.py args` (or under torchrun), as a user would run it."""
     if torchrun_procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_procs}"]
     else:
         cmd = [sys.executable]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    return subprocess.run(
-        cmd + [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return cmd + [str(a) for a in args]
+
+
+def script_env(env=None):
+    # One thread per process: results do not depend on how many cores the machine has.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def run_script(*args, cwd=REPO_ROOT, timeout=600, torchrun_procs=None, env=None):
+    """Run one of the repo's scripts to completion; returns the CompletedProcess (stdout, stderr text)."""
+    return subprocess.run(script_command(*args, torchrun_procs=torchrun_procs), cwd=cwd, env=script_env(env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_line_error(result, *fragments):

@@ -1,0 +1,175 @@
+"""The training loop: gradient accumulation, DDP, exact resume, preemption, bad configs."""
+
+import contextlib
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, assert_one_line_error, run_script, script_command, script_env
+
+import train_gpt2 as t
+
+TRAIN = REPO_ROOT / "train_gpt2.py"
+# A tiny GPT that trains a step in tens of milliseconds on a CPU.
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--micro_batch_size", "2",
+        "--total_batch_size", "256", "--warmup_steps", "3", "--max_lr", "1e-3", "--val_tokens", "256",
+        "--eval_interval", "4", "--sample_interval", "0", "--no-hellaswag", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def shakespeare_shards(tmp_path_factory):
+    """Real text: Tiny Shakespeare, tokenized, as one val and two train shards."""
+    out = tmp_path_factory.mktemp("shards")
+    enc = t.get_tokenizer()
+    text = (REPO_ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    tokens = np.array([t.EOT_TOKEN] + enc.encode_ordinary(text), dtype=np.uint16)
+    n = len(tokens)
+    np.save(out / "shk_val_000000.npy", tokens[: n // 10])
+    np.save(out / "shk_train_000001.npy", tokens[n // 10 : n // 2])
+    np.save(out / "shk_train_000002.npy", tokens[n // 2 :])
+    return out
+
+
+def read_log(run_dir, stream):
+    """{step: value} for one stream of log.txt; a later line for the same step wins (restarts)."""
+    values = {}
+    for line in (run_dir / "log.txt").read_text().splitlines():
+        step, name, value = line.split()
+        if name == stream:
+            values[int(step)] = value
+    return values
+
+
+def train(shards, run_dir, *extra, procs=None, **kw):
+    result = run_script(TRAIN, "--data_dir", shards, "--log_dir", run_dir, *TINY, *extra, torchrun_procs=procs, **kw)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """B=8 x 1 micro-step and B=2 x 4 micro-steps give the same gradient (the 1/N scaling)."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 50257, (8, 16)), torch.randint(0, 50257, (8, 16))
+    grads = []
+    for micro_batch, steps in ((8, 1), (2, 4)):
+        torch.manual_seed(1)
+        model = t.GPT(t.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # new = old - grad: the update IS the gradient
+        batches = iter([(x[i : i + micro_batch], y[i : i + micro_batch]) for i in range(0, 8, micro_batch)])
+        loss, _, stepped = t.train_step(model, optimizer, lambda: next(batches), steps, contextlib.nullcontext(),
+                                        lr=1.0, grad_clip=0.0, scaler=torch.amp.GradScaler("cpu", enabled=False), ddp=False)
+        assert stepped
+        grads.append([b - p.detach() for b, p in zip(before, model.parameters())])
+    for g1, g2 in zip(*grads):
+        assert (g1 - g2).abs().max().item() <= 1e-6
+
+
+def test_learning_rate_schedule():
+    c = t.TrainConfig()
+    assert t.get_lr(0, c) == pytest.approx(6e-4 / 715)
+    assert t.get_lr(714, c) == pytest.approx(6e-4)
+    assert t.get_lr(715, c) == pytest.approx(6e-4)
+    assert t.get_lr((715 + 19073) // 2, c) == pytest.approx(3.3e-4, rel=1e-3)  # halfway: the mean of max and min
+    assert t.get_lr(19073, c) == pytest.approx(6e-5)
+
+
+def test_command_line_is_the_config_dataclass():
+    c = t.parse_config([])
+    assert (c.total_batch_size, c.micro_batch_size, c.max_lr, c.warmup_steps, c.max_steps) == (524288, 64, 6e-4, 715, 19073)
+    assert (c.weight_decay, c.beta1, c.beta2, c.eps, c.grad_clip, c.eval_interval) == (0.1, 0.9, 0.95, 1e-8, 1.0, 250)
+    c = t.parse_config(["--preset", "shakespeare", "--max_steps", "7", "--no-hellaswag"])
+    assert c.data_dir == "tinyshakespeare_tokens" and c.max_steps == 7 and c.hellaswag is False
+    help_text = run_script(TRAIN, "--help").stdout
+    assert "--total_batch_size" in help_text and "tokens per optimizer step" in help_text
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(shakespeare_shards, tmp_path):
+    """Same global batch: 1 process x 4 accumulation steps == 2 gloo processes x 2."""
+    train(shakespeare_shards, tmp_path / "one", "--max_steps", "6")
+    train(shakespeare_shards, tmp_path / "two", "--max_steps", "6", procs=2)
+    for stream in ("train", "val"):
+        one, two = read_log(tmp_path / "one", stream), read_log(tmp_path / "two", stream)
+        assert one.keys() == two.keys() and len(one) >= 2
+        for step in one:
+            assert float(one[step]) == pytest.approx(float(two[step]), abs=1e-5)
+    assert float(read_log(tmp_path / "one", "train")[5]) < float(read_log(tmp_path / "one", "train")[0])
+
+
+def test_resume_is_bitwise_exact(shakespeare_shards, tmp_path):
+    n = 24
+    train(shakespeare_shards, tmp_path / "straight", "--max_steps", n)
+    straight = read_log(tmp_path / "straight", "train")
+    assert len(straight) == n
+
+    # Half, stop (as if preempted), resume the other half.
+    train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--stop_after_step", n // 2)
+    assert sorted(p.name for p in (tmp_path / "halves").glob("ckpt_*.pt")) == [f"ckpt_{n // 2:06d}.pt"]
+    train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--resume")
+    assert read_log(tmp_path / "halves", "train") == straight  # the same strings: bitwise the same float32s
+
+    # The checkpoint loads with weights_only=True and carries everything a resume needs.
+    checkpoint = t.load_checkpoint(tmp_path / "halves" / f"ckpt_{n:06d}.pt")
+    assert {"model", "optimizer", "step", "loader", "rng", "config", "val_loss"} <= checkpoint.keys()
+    assert checkpoint["step"] == n and checkpoint["loader"]["windows_taken"] > 0
+
+
+def test_sigterm_resume_matches_uninterrupted(shakespeare_shards, tmp_path):
+    """SIGTERM mid-run, then --resume, ends with the losses of a run that was never interrupted."""
+    n = 60
+    train(shakespeare_shards, tmp_path / "straight", "--max_steps", n)
+    run_dir = tmp_path / "preempted"
+    cmd = script_command(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", run_dir, *TINY, "--max_steps", n)
+    proc = subprocess.Popen(cmd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_log(run_dir, "train") if (run_dir / "log.txt").exists() else {}) < 5:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM received" in output, output[-2000:]
+    checkpoints = list(run_dir.glob("ckpt_*.pt"))
+    assert len(checkpoints) == 1
+    stopped_at = t.load_checkpoint(checkpoints[0])["step"]
+    assert 5 <= stopped_at < n, "the run ended before the signal could interrupt it"
+    train(shakespeare_shards, run_dir, "--max_steps", n, "--resume")
+    assert read_log(run_dir, "train") == read_log(tmp_path / "straight", "train")
+    assert read_log(run_dir, "val") == read_log(tmp_path / "straight", "val")
+
+
+def test_bad_configs_give_one_line_errors(shakespeare_shards, tmp_path):
+    def run(*args):
+        return run_script(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "run", *TINY, "--max_steps", "2", *args)
+
+    assert_one_line_error(run("--total_batch_size", "300"), "--total_batch_size 300", "not a multiple")
+    assert_one_line_error(run("--data_dir", tmp_path / "nowhere"), "no train shards", "fineweb.py")
+    assert_one_line_error(run("--n_head", "5"), "divisible")
+    # A checkpoint of a 32-token model cannot train on 64-token sequences.
+    train(shakespeare_shards, tmp_path / "small", "--max_steps", "1")
+    checkpoint = next((tmp_path / "small").glob("ckpt_*.pt"))
+    assert_one_line_error(run("--init_from", checkpoint, "--block_size", "64", "--total_batch_size", "512"), "larger than the model")
+    # A second run into the same folder would mix two runs.
+    assert_one_line_error(
+        run_script(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "small", *TINY, "--max_steps", "1"),
+        "already holds a run", "--resume",
+    )
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(shakespeare_shards, tmp_path):
+    result = run_script(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", tmp_path, *TINY, "--max_steps", "50",
+                        "--max_lr", "1e12", "--warmup_steps", "1", "--grad_clip", "0", "--max_bad_steps", "2",
+                        "--checkpoint_interval", "1")
+    last = assert_one_line_error(result, "non-finite steps in a row")
+    assert "Last good checkpoint: " in last and "ckpt_" in last
+    assert "nonfinite" in (tmp_path / "log.txt").read_text()
+
+
+def test_fine_tune_from_a_hugging_face_directory(shakespeare_shards, tmp_path):
+    source = t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    source.save_hf(tmp_path / "hf")
+    result = train(shakespeare_shards, tmp_path / "run", "--init_from", tmp_path / "hf", "--max_steps", "2")
+    assert "model: " in result.stdout
+    model = t.load_model(str(tmp_path / "run"))
+    assert model.config.block_size == 64 and model.config.padded_vocab_size == 50304
