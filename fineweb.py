@@ -87,7 +87,8 @@ def read_hub_texts(source: HubSource, text_field="text", streaming=False, num_pr
     fields = dataset.column_names
     if fields is not None and text_field not in fields:
         raise UserError(f"{source.dataset} has no field {text_field!r} (fields: {', '.join(fields)})")
-    # Both kinds of dataset skip without decoding the skipped rows' text.
+    # A rerun skips what is done: the downloaded copy by index, at once; a stream by reading past the
+    # skipped rows as Arrow tables (downloaded again, but neither converted to Python nor tokenized).
     for batch in dataset.select_columns([text_field]).skip(skip).iter(batch_size=1000):
         yield from batch[text_field]
 
@@ -222,8 +223,8 @@ def batched_texts(texts, max_chars=BATCH_CHARS):
 def tokenize_in_order(batches, num_proc=1, start_method=None):
     """Yield tokenize_batch(batch) for each batch, in order, using num_proc worker processes.
 
-    Pool.imap would read the whole input ahead if the workers outpace the writer; here at most
-    4 * num_proc batches are in flight. Everything sent to a worker is a top-level function and plain
+    Pool.imap keeps the workers fed however far the writer falls behind, and its results pile up in
+    memory; here at most 4 * num_proc batches are in flight. Everything sent to a worker is a top-level function and plain
     data, so any start method works ("spawn" on macOS and Windows).
     """
     if num_proc == 1:  # no pool: simpler to debug, and nothing to gain from one worker
@@ -284,6 +285,11 @@ def shard_is_intact(path: Path, tokens: int) -> bool:
     return array.dtype == np.uint16 and array.shape == (tokens,)
 
 
+def update_totals(meta: dict) -> None:
+    meta["total_tokens"] = sum(s["tokens"] for s in meta["shards"])
+    meta["total_documents"] = sum(s["documents"] for s in meta["shards"])
+
+
 def load_progress(out_dir: Path, settings: dict) -> dict:
     """The meta.json of an earlier run with the same settings, trimmed to its intact shards, or a new one.
 
@@ -309,6 +315,7 @@ def load_progress(out_dir: Path, settings: dict) -> dict:
     if len(intact) < len(meta["shards"]):
         print(f"{out_dir}: {meta['shards'][len(intact)]['file']} is missing or damaged; redoing from there")
         meta["shards"], meta["complete"] = intact, False
+        update_totals(meta)
     if not meta["complete"]:
         recorded = {s["file"] for s in intact}
         leftovers = [p for p in out_dir.glob(f"{settings['prefix']}_*.npy") if p.name not in recorded]
@@ -362,8 +369,7 @@ class ShardWriter:
         document, token = resume_at
         shards.append({"file": name, "split": split, "tokens": self.filled, "documents": self.documents,
                        "resume_at": {"document": document, "token": token}})
-        self.meta["total_tokens"] = sum(s["tokens"] for s in shards)
-        self.meta["total_documents"] = sum(s["documents"] for s in shards)
+        update_totals(self.meta)
         save_meta(self.out_dir, self.meta)
         self.filled = self.documents = 0
 
@@ -482,7 +488,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="local .txt / .jsonl / .parquet files or globs instead of a --source")
     parser.add_argument("--text_field", default="text", help="the field that holds the text (.jsonl, .parquet, hub)")
-    parser.add_argument("--out_dir", help="where the shards go (default: per source, tokens/ for --input)")
+    parser.add_argument("--out_dir", help="where the shards go (default: per source, local_tokens/ for --input)")
     parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens per shard")
     parser.add_argument("--val_tokens", type=int, default=None, help="tokens in the val shard, shard 0 (default: --shard_size)")
     parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenizer processes (default: CPU count)")
@@ -493,33 +499,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def make_shards(args: argparse.Namespace) -> Path:
+    """Run what the command line asks for; return the folder of shards."""
     if args.num_proc < 1 or (args.max_docs is not None and args.max_docs < 1):
         raise UserError("--num_proc and --max_docs must be at least 1")
-    if args.input and args.source:
-        raise UserError("use either --source or --input, not both")
+    if args.input and (args.source or args.streaming):
+        raise UserError("--source and --streaming are for hub datasets; --input reads local files")
     if args.source == "shakespeare":
-        prepare_shakespeare(args.out_dir or "tinyshakespeare_tokens")
-        return
+        return prepare_shakespeare(args.out_dir or "tinyshakespeare_tokens")
     shard_options = dict(shard_size=args.shard_size, val_tokens=args.val_tokens, max_docs=args.max_docs,
                          num_proc=args.num_proc, start_method=args.start_method)
     if args.input:
         files = find_input_files(args.input)
         if next(read_docs(files, args.text_field), None) is None:  # also checks the field name, on the first record
             raise UserError(f"no documents in {', '.join(args.input)}: the input is empty")
+        out_dir = Path(args.out_dir or "local_tokens")
         write_shards(
-            lambda skip: itertools.islice(read_docs(files, args.text_field), skip, None),
-            args.out_dir or "tokens", source={"files": [str(f) for f in files], "text_field": args.text_field},
-            prefix="tokens", **shard_options,
+            lambda skip: itertools.islice(read_docs(files, args.text_field), skip, None), out_dir,
+            # The sizes catch a file that changed since an interrupted run: resuming it would mix two inputs.
+            source={"files": [str(f) for f in files], "bytes": [f.stat().st_size for f in files],
+                    "text_field": args.text_field},
+            prefix="local", **shard_options,
         )
     else:
         hub = HUB_SOURCES[args.source or "edu10B"]
+        out_dir = Path(args.out_dir or hub.out_dir)
         write_shards(
-            lambda skip: read_hub_texts(hub, args.text_field, args.streaming, args.num_proc, skip),
-            args.out_dir or hub.out_dir, prefix=hub.prefix, **shard_options,
+            lambda skip: read_hub_texts(hub, args.text_field, args.streaming, args.num_proc, skip), out_dir,
             source={"dataset": hub.dataset, "name": hub.name, "split": "train", "text_field": args.text_field},
+            prefix=hub.prefix, **shard_options,
         )
+    return out_dir
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        out_dir = make_shards(args)
+    except KeyboardInterrupt:
+        raise UserError("interrupted; run the same command again to continue after the last finished shard") from None
+    print(f"train on them: python train_gpt2.py --data_dir {out_dir}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, assert_one_line_error, run_script
-from fineweb import TEMP_GLOB, prepare_shakespeare, read_docs, split_shakespeare, write_shards
+from fineweb import HUB_SOURCES, TEMP_GLOB, prepare_shakespeare, read_docs, read_hub_texts, split_shakespeare, write_shards
 from train_gpt2 import EOT_TOKEN, UserError, get_tokenizer
 
 LEGAL_SHARD_SIZE = 250_000  # ~18 shards for the 4.4M-token sample: enough to kill a run between two
@@ -74,7 +74,7 @@ def legal_run(legal_path, tmp_path_factory):
 
 def test_all_documents_token_for_token(legal_run, legal_texts, legal_tokens):
     files = shard_files(legal_run)
-    assert [p.name for p in files[:3]] == ["tokens_val_000000.npy", "tokens_train_000001.npy", "tokens_train_000002.npy"]
+    assert [p.name for p in files[:3]] == ["local_val_000000.npy", "local_train_000001.npy", "local_train_000002.npy"]
     assert len(files) == -(-len(legal_tokens) // LEGAL_SHARD_SIZE)  # ceil: full shards, then the rest
     assert all(np.load(p, mmap_mode="r").dtype == np.uint16 for p in files)
     np.testing.assert_array_equal(concatenated(legal_run), legal_tokens)
@@ -122,19 +122,32 @@ def test_importing_fineweb_does_no_work_and_no_datasets():
 # Interrupted runs
 
 
-def test_killed_run_resumes_to_the_same_bytes(legal_run, legal_path, tmp_path):
+def stop_when(args, shard_file, sig):
+    """Start `python fineweb.py args`, send it `sig` as soon as `shard_file` exists; return (code, stderr)."""
+    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not shard_file.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    process.send_signal(sig)
+    _, stderr = process.communicate()
+    return subprocess.CompletedProcess(args, process.returncode, "", stderr)
+
+
+def test_interrupted_and_killed_runs_resume_to_the_same_bytes(legal_run, legal_path, tmp_path):
     out_dir = tmp_path / "shards"
     args = ["fineweb.py", "--input", legal_path, "--out_dir", out_dir, "--shard_size", LEGAL_SHARD_SIZE, "--num_proc", 2]
-    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (out_dir / "tokens_train_000002.npy").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)  # no cleanup, no chance to finish the shard being filled
-    process.wait()
+
+    # Ctrl-C: one line that says how to go on.
+    assert_one_line_error(stop_when(args, out_dir / "local_train_000002.npy", signal.SIGINT), "interrupted", "run the same command")
+    finished = len(json.loads((out_dir / "meta.json").read_text())["shards"])
+    assert 2 <= finished < 17, "the run finished before the interrupt; the test proves nothing"
+
+    # SIGKILL: no cleanup, no chance to finish the shard being filled.
+    stop_when(args, out_dir / "local_train_000008.npy", signal.SIGKILL)
     meta = json.loads((out_dir / "meta.json").read_text())
     assert not meta["complete"], "the run finished before the kill; the test proves nothing"
-    assert 2 <= len(meta["shards"]) < 17
+    assert finished < len(meta["shards"]) < 17
 
     result = run_script(*args)
     assert result.returncode == 0, result.stderr
@@ -242,6 +255,35 @@ def test_other_text_field(tmp_path):
     with open(tmp_path / "x.jsonl", "w") as f:
         f.write(json.dumps({"content": "To be, or not to be"}) + "\n")
     assert list(read_docs([tmp_path / "x.jsonl"], text_field="content")) == ["To be, or not to be"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hub datasets (no network here: `datasets` gets the real documents from memory instead of the hub)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_source_reads_in_order_and_skips(legal_path, legal_texts, streaming, monkeypatch):
+    import datasets
+
+    records = datasets.Dataset.from_json(str(legal_path))
+    asked = {}
+
+    def load_dataset(path, name, split, streaming, num_proc):
+        asked.update(path=path, name=name, split=split)
+        return records.to_iterable_dataset() if streaming else records
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    texts = list(read_hub_texts(HUB_SOURCES["edu10B"], streaming=streaming, skip=1234))
+    assert asked == {"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train"}
+    assert texts == legal_texts[1234:]
+    with pytest.raises(UserError, match=r"no field 'content' \(fields: .*text"):
+        next(read_hub_texts(HUB_SOURCES["fineweb10B"], "content", streaming=streaming))
+
+
+def test_hub_unreachable_is_one_line(tmp_path):
+    result = run_script("fineweb.py", "--out_dir", tmp_path / "edu", "--max_docs", 10)  # HF_HUB_OFFLINE=1
+    assert_one_line_error(result, "could not load HuggingFaceFW/fineweb-edu (sample-10BT)")
+    assert not (tmp_path / "edu").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
