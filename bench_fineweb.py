@@ -14,6 +14,7 @@ them out, the honest total; Linux only).
 import argparse
 import json
 import multiprocessing
+import resource
 import shutil
 import subprocess
 import sys
@@ -68,9 +69,11 @@ def baseline(path, out_dir, shard_size, num_proc) -> None:
 
 
 def measure(command) -> dict:
-    """Run a command; return its wall time and the peak of its process tree's summed RSS and PSS (MB)."""
+    """Run a command; return its wall time, CPU time (all its processes) and the peak of its process
+    tree's summed RSS and PSS (MB)."""
     import psutil
 
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     root = psutil.Process(process.pid)
@@ -85,9 +88,13 @@ def measure(command) -> dict:
             pass
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.02)
+    seconds = time.time() - started
     assert process.returncode == 0, f"{command} failed"
-    return {"seconds": time.time() - started, "rss_mb": peak_rss / 2**20, "pss_mb": peak_pss / 2**20,
-            "stdout": process.stdout.read().strip()}
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # counts workers too: each parent waited for its own
+    cpu = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
+    rate_line = [line for line in process.stdout.read().splitlines() if "tokens/s" in line][-1]
+    return {"seconds": seconds, "cpu_seconds": cpu, "rss_mb": peak_rss / 2**20, "pss_mb": peak_pss / 2**20,
+            "own_rate": rate_line.rsplit("(", 1)[1].rstrip(")")}
 
 
 def all_tokens(out_dir) -> np.ndarray:
@@ -131,9 +138,9 @@ def main() -> None:
             shutil.rmtree(work / "ours", ignore_errors=True)
             for name, command in commands.items():
                 r = measure(command)
-                print(f"round {round_ + 1} num_proc {num_proc} {name:10s} {r['seconds']:6.2f} s "
-                      f"{total / r['seconds'] / 1e6:5.2f} M tokens/s end to end, peak RSS {r['rss_mb']:5.0f} MB, "
-                      f"PSS {r['pss_mb']:5.0f} MB | {r['stdout'].splitlines()[-1]}")
+                print(f"round {round_ + 1} num_proc {num_proc} {name:10s} {r['seconds']:6.2f} s wall "
+                      f"({total / r['seconds'] / 1e6:4.2f} M tokens/s end to end, {r['own_rate']} after startup), "
+                      f"{r['cpu_seconds']:5.2f} CPU s, peak RSS {r['rss_mb']:4.0f} MB, PSS {r['pss_mb']:4.0f} MB")
             assert np.array_equal(all_tokens(work / "baseline"), all_tokens(work / "ours")), "different tokens"
     shutil.rmtree(work)
 

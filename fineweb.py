@@ -538,7 +538,8 @@ def main(argv=None) -> None:
         out_dir = make_shards(args)
     except KeyboardInterrupt:
         raise UserError("interrupted; run the same command again to continue after the last finished shard") from None
-    print(f"train on them: python train_gpt2.py --data_dir {out_dir}")
+    preset = args.source == "shakespeare" and args.out_dir is None
+    print(f"train on them: python train_gpt2.py {'--preset shakespeare' if preset else f'--data_dir {out_dir}'}")
 
 
 if __name__ == "__main__":
