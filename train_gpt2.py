@@ -1098,7 +1098,13 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     if config.hellaswag and config.eval_interval:
         import hellaswag  # imported here: a run without HellaSwag does not need its data
 
-        hellaswag_examples = hellaswag.load_examples_for_training(config.hellaswag_data, config.hellaswag_limit, master, ddp)
+        if master:  # rank 0 downloads the val set if needed (now, not at step 250); then every rank reads it
+            hellaswag.find_hellaswag_data(config.hellaswag_data or None)
+        if ddp:
+            dist.barrier()
+        data_path = hellaswag.find_hellaswag_data(config.hellaswag_data or None)
+        hellaswag_examples = hellaswag.load_hellaswag(data_path, config.hellaswag_limit or None)
+        say(f"HellaSwag: {len(hellaswag_examples):,} examples from {data_path}, split across {world_size} rank(s)")
 
     peak_flops = config.peak_flops or peak_flops_for(device, dtype)
     flops_per_step = flops_per_token(model, T) * config.total_batch_size
@@ -1124,8 +1130,9 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                 say(f"step {step:5d} | val loss {val_loss:.4f}")
                 log(step, "val", f"{val_loss:.6f}")
                 if hellaswag_examples is not None:
+                    # Every rank scores its share with the compiled model (not the DDP wrapper), fixed shapes.
                     counts = hellaswag.hellaswag_counts(compiled, hellaswag_examples, device, rank=rank, world_size=world_size,
-                                                        autocast=autocast)
+                                                        autocast_dtype=None if dtype == torch.float32 else dtype)
                     counts = torch.tensor([counts["correct_norm"], counts["total"]], device=device)
                     if ddp:
                         dist.all_reduce(counts)
@@ -1199,4 +1206,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # fineweb.py and hellaswag.py `import train_gpt2`: let them find this very module instead of loading
+    # a second copy (whose UserError would be another class, printed as a traceback).
+    sys.modules.setdefault("train_gpt2", sys.modules["__main__"])
     run_main(main)

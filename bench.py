@@ -1,0 +1,256 @@
+"""
+Measure our training, HellaSwag and sampling throughput next to Hugging Face's GPT-2, in one run.
+
+    python bench.py --model 124M --device cuda                     # the GPU figures (bf16, compiled)
+    python bench.py --model 124M --device cuda --compile off       # ... without torch.compile
+    python bench.py --model tiny --device cpu                      # a quick look on a CPU
+    python bench.py --model 124M --device cpu --batch_size 4 --block_size 256 --steps 3 --warmup 1
+
+Every figure is measured for our GPT and for transformers.GPT2LMHeadModel (attn_implementation="sdpa",
+the same shapes, the same AdamW settings, the same precision, the same train step code), so each comes
+with a ratio measured in the same run. Training figures are the median of --steps steps after
+--warmup steps (which absorb torch.compile and allocator warm-up). Prints a table; --json writes it.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from train_gpt2 import (
+    GPT,
+    GPTConfig,
+    TrainConfig,
+    configure_optimizer,
+    flops_per_token,
+    peak_flops_for,
+    pick_device,
+    pick_dtype,
+    run_main,
+    train_step,
+)
+
+SIZES = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+    "124M": dict(n_layer=12, n_head=12, n_embd=768),
+    "350M": dict(n_layer=24, n_head=16, n_embd=1024),
+    "774M": dict(n_layer=36, n_head=20, n_embd=1280),
+    "1558M": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+class HFPeer(nn.Module):
+    """transformers.GPT2LMHeadModel behind our forward signature: (idx, targets) -> (logits, loss).
+
+    The loss is computed as ours is (on the given targets), so both models do the same work and the
+    comparison is between the two model implementations."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_config = GPT2Config(
+            vocab_size=config.padded_vocab_size,  # the same padded table as ours: same matmul shapes
+            n_positions=config.block_size,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        hf_config._attn_implementation = "sdpa"  # F.scaled_dot_product_attention, as ours
+        self.hf = GPT2LMHeadModel(hf_config)
+        assert self.hf.config._attn_implementation == "sdpa"
+        self.config = config
+
+    def forward(self, idx, targets=None):
+        logits = self.hf(input_ids=idx).logits
+        if targets is None:
+            return logits[..., : self.config.vocab_size], None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def build(impl: str, config: GPTConfig, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = GPT(config) if impl == "ours" else HFPeer(config)
+    return model.to(device)
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_training(config, args, device, dtype) -> dict:
+    """Median time of a full optimizer step (forward, backward, clip, AdamW) on (B, T), for ours and
+    the HF peer. Their steps alternate, so a change in machine load hits both alike."""
+    device_type = device.split(":")[0]
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    B, T = args.batch_size, config.block_size
+    x = torch.randint(0, config.vocab_size, (B, T), device=device)
+    y = torch.randint(0, config.vocab_size, (B, T), device=device)
+    setups, times, peak_mem = {}, {"ours": [], "hf": []}, {}
+    for impl in ("ours", "hf"):
+        model = build(impl, config, device)
+        optimizer = configure_optimizer(model, TrainConfig(), device_type)
+        scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        setups[impl] = (model, torch.compile(model) if args.compile == "on" else model, optimizer, scaler)
+    for i in range(args.warmup + args.steps):
+        for impl, (model, compiled, optimizer, scaler) in setups.items():
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            t0 = time.perf_counter()
+            train_step(compiled, optimizer, lambda: (x, y), 1, autocast, 6e-4, 1.0, scaler, ddp=False)
+            sync(device)
+            if i >= args.warmup:
+                times[impl].append(time.perf_counter() - t0)
+            if device.startswith("cuda"):  # the step's own peak (the other model's weights included)
+                peak_mem[impl] = torch.cuda.max_memory_allocated(device) / 2**30
+    peak = args.peak_flops or peak_flops_for(device, dtype)
+    results = {}
+    for impl, (model, *_rest) in setups.items():
+        dt = statistics.median(times[impl])
+        tokens_per_sec = B * T / dt
+        results[impl] = dict(
+            step_ms=1000 * dt,
+            tok_per_s=tokens_per_sec,
+            mfu=flops_per_token(model, T) * tokens_per_sec / peak if peak else None,
+            peak_mem_gb=peak_mem.get(impl),
+        )
+    del setups
+    return results
+
+
+@torch.no_grad()
+def bench_sampling(impl, config, args, device, dtype, use_cache: bool) -> float:
+    """Greedy generation tokens/s for a batch of prompts, with or without the KV cache."""
+    model = build(impl, config, device).eval()
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    prompt = torch.randint(0, config.vocab_size, (args.sample_batch, 16), device=device)
+    new = min(args.sample_tokens, config.block_size - 16)
+    times = []
+    for _ in range(2):  # the first run warms up
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            if impl == "ours":
+                model.generate(prompt, new, temperature=0, use_kv_cache=use_cache)
+            else:
+                model.hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
+                                  pad_token_id=0)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    del model
+    return args.sample_batch * new / times[-1]
+
+
+def bench_hellaswag(impl, config, args, device, dtype) -> float | None:
+    """HellaSwag examples/s through hellaswag.py's batched scorer."""
+    import hellaswag
+
+    try:
+        examples = hellaswag.load_hellaswag(hellaswag.find_hellaswag_data(args.hellaswag_data or None), args.hellaswag_limit)
+    except Exception as e:  # no data offline: skip this row, keep the others
+        print(f"HellaSwag skipped: {e}")
+        return None
+    model = build(impl, config, device).eval()
+    scorer = torch.compile(model) if args.compile == "on" else model
+    autocast_dtype = None if dtype == torch.float32 else dtype
+    hellaswag.hellaswag_counts(scorer, examples[: args.hellaswag_batch], device, args.hellaswag_batch, autocast_dtype=autocast_dtype)
+    sync(device)
+    t0 = time.perf_counter()
+    hellaswag.hellaswag_counts(scorer, examples, device, args.hellaswag_batch, autocast_dtype=autocast_dtype)
+    sync(device)
+    del model, scorer
+    return len(examples) / (time.perf_counter() - t0)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=SIZES, default="124M")
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=16, help="micro-batch B of the training step")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--compile", default="auto", help="auto (on for CUDA) | on | off")
+    p.add_argument("--vocab_pad_multiple", type=int, default=64)
+    p.add_argument("--sample_batch", type=int, default=4)
+    p.add_argument("--sample_tokens", type=int, default=128)
+    p.add_argument("--hellaswag_limit", type=int, default=200, help="HellaSwag examples to time (0 = skip)")
+    p.add_argument("--hellaswag_batch", type=int, default=16)
+    p.add_argument("--hellaswag_data", default="", help="hellaswag_val.jsonl (default: $HELLASWAG_DATA or the download cache)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: train,sample,hellaswag")
+    p.add_argument("--peak_flops", type=float, default=0.0)
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    args.compile = "on" if args.compile == "on" or (args.compile == "auto" and device.startswith("cuda")) else "off"
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    config = GPTConfig(block_size=args.block_size, vocab_pad_multiple=args.vocab_pad_multiple, **SIZES[args.model])
+    skip = set(filter(None, args.skip.split(",")))
+    hardware = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{device} ({torch.get_num_threads()} threads)"
+    print(f"{args.model} (B={args.batch_size}, T={args.block_size}) on {hardware}, torch {torch.__version__}, "
+          f"{str(dtype).replace('torch.', '')}, compile {args.compile}")
+
+    rows = []
+
+    def measure(name, unit, fn):
+        values = {}
+        for impl in ("ours", "hf"):
+            values[impl] = fn(impl)
+            free_memory(device)
+        rows.append(dict(name=name, unit=unit, **values))
+
+    if "train" not in skip:
+        train = bench_training(config, args, device, dtype)
+        free_memory(device)
+        rows.append(dict(name="train step", unit="tok/s", ours=train["ours"]["tok_per_s"], hf=train["hf"]["tok_per_s"]))
+        rows.append(dict(name="train step time", unit="ms", ours=train["ours"]["step_ms"], hf=train["hf"]["step_ms"]))
+        if train["ours"]["mfu"] is not None:
+            rows.append(dict(name="MFU", unit="%", ours=100 * train["ours"]["mfu"], hf=100 * train["hf"]["mfu"]))
+        if train["ours"]["peak_mem_gb"] is not None:
+            rows.append(dict(name="peak memory", unit="GiB", ours=train["ours"]["peak_mem_gb"], hf=train["hf"]["peak_mem_gb"]))
+    if "hellaswag" not in skip and args.hellaswag_limit:
+        measure("HellaSwag", "examples/s", lambda impl: bench_hellaswag(impl, config, args, device, dtype))
+    if "sample" not in skip:
+        measure("sampling, KV cache", "tok/s", lambda impl: bench_sampling(impl, config, args, device, dtype, True))
+        measure("sampling, no cache", "tok/s", lambda impl: bench_sampling(impl, config, args, device, dtype, False))
+
+    print(f"\n| {'measure':<20} | {'unit':<10} | {'ours':>12} | {'HF GPT-2':>12} | {'ours / HF':>9} |")
+    print(f"|{'-' * 22}|{'-' * 12}|{'-' * 14}|{'-' * 14}|{'-' * 11}|")
+    for row in rows:
+        if row["ours"] is None or row["hf"] is None:
+            continue
+        ratio = row["ours"] / row["hf"] if row["hf"] else float("nan")
+        row["ratio"] = ratio
+        print(f"| {row['name']:<20} | {row['unit']:<10} | {row['ours']:>12,.1f} | {row['hf']:>12,.1f} | {ratio:>8.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), compile=args.compile,
+                           model=args.model, batch_size=args.batch_size, block_size=args.block_size, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    run_main(main)
