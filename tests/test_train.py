@@ -87,10 +87,14 @@ def test_command_line_is_the_config_dataclass():
     assert "--total_batch_size" in help_text and "tokens per optimizer step" in help_text
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(shakespeare_shards, tmp_path):
-    """Same global batch: 1 process x 4 accumulation steps == 2 gloo processes x 2."""
-    train(shakespeare_shards, tmp_path / "one", "--max_steps", "6")
-    train(shakespeare_shards, tmp_path / "two", "--max_steps", "6", procs=2)
+def test_ddp_on_two_cpu_processes_matches_one_process(shakespeare_shards, shared_data, tmp_path):
+    """Same global batch: 1 process x 4 accumulation steps == 2 gloo processes x 2. HellaSwag is split
+    across the ranks and its counts all-reduced."""
+    hellaswag = ["--hellaswag", "--hellaswag_limit", "30", "--hellaswag_data", shared_data / "hellaswag_val.jsonl"]
+    train(shakespeare_shards, tmp_path / "one", "--max_steps", "6", *hellaswag)
+    result = train(shakespeare_shards, tmp_path / "two", "--max_steps", "6", *hellaswag, procs=2)
+    assert "HellaSwag: 30 examples" in result.stdout and "split across 2 rank(s)" in result.stdout
+    assert read_log(tmp_path / "one", "hella") == read_log(tmp_path / "two", "hella") != {}
     for stream in ("train", "val"):
         one, two = read_log(tmp_path / "one", stream), read_log(tmp_path / "two", stream)
         assert one.keys() == two.keys() and len(one) >= 2
@@ -173,3 +177,15 @@ def test_fine_tune_from_a_hugging_face_directory(shakespeare_shards, tmp_path):
     assert "model: " in result.stdout
     model = t.load_model(str(tmp_path / "run"))
     assert model.config.block_size == 64 and model.config.padded_vocab_size == 50304
+
+
+def test_compiled_training_still_evaluates_and_samples(shakespeare_shards, shared_data, tmp_path):
+    """torch.compile on: val loss, HellaSwag and sampling all run, without recompiling every step."""
+    result = train(shakespeare_shards, tmp_path, "--compile", "on", "--max_steps", "4", "--eval_interval", "2",
+                   "--hellaswag", "--hellaswag_limit", "8", "--hellaswag_data", shared_data / "hellaswag_val.jsonl",
+                   "--sample_interval", "2", "--num_samples", "1", "--sample_tokens", "8",
+                   env={"TORCH_LOGS": "recompiles"}, timeout=900)
+    assert set(read_log(tmp_path, "val")) == {0, 2, 3} and set(read_log(tmp_path, "hella")) == {0, 2, 3}
+    assert result.stdout.count("sample 0:") == 2  # at steps 2 and 3
+    # A few recompiles are expected (train vs no_grad eval, HellaSwag's shape); one per step is not.
+    assert result.stderr.count("Recompiling function") <= 4, result.stderr[-3000:]
