@@ -220,3 +220,23 @@ def test_bad_model_references_give_one_line_errors(tmp_path):
     assert_one_line_error(run_script("sample.py", "--init_from", "gpt3"), "unknown model")
     assert_one_line_error(run_script("sample.py", "--init_from", tmp_path / "ckpt_000001.pt"), "wpe.weight")
     assert_one_line_error(run_script("validate.py", tmp_path / "missing_dir/"), "does not exist")
+
+
+def test_validate_and_sample_command_lines(tmp_path):
+    random_hf_model(tmp_path / "hf", **SHAPES["small"])
+    result = run_script("validate.py", tmp_path / "hf", "--max_new_tokens", "8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "missing 0, extra 0, shape mismatches 0" in result.stdout and "OK: matches Hugging Face GPT-2" in result.stdout
+    assert result.stdout.count("greedy agree") == 4
+    # It can fail: no float32 computation matches to 0.0.
+    result = run_script("validate.py", tmp_path / "hf", "--max_new_tokens", "2", "--tolerance", "0")
+    assert result.returncode == 1 and "FAILED" in result.stdout
+
+    result = run_script("sample.py", "--init_from", tmp_path / "hf", "--prompt", "Hello", "--num_samples", "2",
+                        "--max_new_tokens", "5", "--seed", "3", "--top_p", "0.9")
+    assert result.returncode == 0, result.stderr
+    samples = [line for line in result.stdout.splitlines() if line.startswith("Hello")]
+    assert len(samples) == 2 and "--- sample 1 ---" in result.stdout
+    again = run_script("sample.py", "--init_from", tmp_path / "hf", "--prompt", "Hello", "--num_samples", "2",
+                       "--max_new_tokens", "5", "--seed", "3", "--top_p", "0.9")
+    assert again.stdout == result.stdout  # seeded

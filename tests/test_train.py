@@ -189,3 +189,16 @@ def test_compiled_training_still_evaluates_and_samples(shakespeare_shards, share
     assert result.stdout.count("sample 0:") == 2  # at steps 2 and 3
     # A few recompiles are expected (train vs no_grad eval, HellaSwag's shape); one per step is not.
     assert result.stderr.count("Recompiling function") <= 4, result.stderr[-3000:]
+
+
+def test_quick_start_preset_end_to_end(tmp_path):
+    """`train_gpt2.py --preset shakespeare`, shortened: prepares its own shards, trains, evaluates, samples."""
+    result = run_script(TRAIN, "--preset", "shakespeare", "--max_steps", "8", "--eval_interval", "4",
+                        "--sample_interval", "4", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "tinyshakespeare_tokens").glob("*.npy")) == [
+        "tinyshakespeare_train_000001.npy", "tinyshakespeare_val_000000.npy"]
+    val = read_log(tmp_path / "log", "val")
+    assert set(val) == {0, 4, 7} and float(val[7]) < float(val[0]) - 0.5
+    assert result.stdout.count("sample 0: 'ROMEO:") == 2
+    assert (tmp_path / "log" / "ckpt_000008.pt").exists() and (tmp_path / "log" / "train_config.json").exists()
