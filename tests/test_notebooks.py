@@ -1,10 +1,9 @@
 """The notebooks, run the way a user runs them after cloning: a short quick-start training, then
 play.ipynb and benchmark.ipynb executed top to bottom, headless, against that run.
 
-The run is the quick start shortened to 6 steps on small batches, HellaSwag on 20 examples (30-40 s on
-a shared 2-core CPU). The notebooks
-read it through the same environment variables a user would set, and must leave valid PNG figures and
-a sane benchmark.json in the run folder.
+The run is the quick start shortened to 6 steps on small batches, with HellaSwag on 20 examples (30-40 s
+on a shared 2-core CPU). The notebooks read it through the same environment variables a user would set,
+and must leave valid PNG figures and a sane benchmark.json in the run folder.
 """
 
 import json
