@@ -20,9 +20,9 @@ long ending is not penalised for being long. This is the completion-style protoc
 hellaswag.py, in which GPT-2 124M scores acc_norm 0.2955. lm-evaluation-harness's `hellaswag` task
 cleans the text and normalises by length in bytes instead: its numbers are not comparable with these.
 
-The scoring runs many examples per forward pass, in batches of a few fixed shapes, so it is fast on a
-GPU and a torch.compile'd model compiles once per shape rather than once per example. The training
-loop calls `hellaswag_counts` from here: there is one implementation of the scoring.
+The scoring runs many examples per forward pass, in batches of a few fixed shapes: fast on a GPU, and
+a torch.compile'd model never recompiles per example. The training loop calls `hellaswag_counts` from
+here: there is one implementation of the scoring.
 
 The story, in the order it is told below:
   1. the data: download once, or read a local copy; validate every line; render to tokens
@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -166,18 +165,19 @@ def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagExample]:
 # ---------------------------------------------------------------------------------------------------
 # 2. Batches of fixed shapes
 #
-# Each example becomes four rows, context + ending, right-padded to a common length. Right padding
-# never changes a score: attention is causal, so a token never sees the padding after it, and the loss
-# mask keeps the padding out of the sums. Every batch has 4 * batch_size rows (the last one is filled
-# with empty rows), and its length is rounded up to a multiple of pad_to_multiple: a compiled model
-# meets only a handful of shapes. Examples are sorted by length first, so little of a batch is padding.
+# Each example becomes four rows, context + ending. A batch holds 4 * batch_size rows, right-padded to
+# a common length. Right padding never changes a score: attention is causal, so a token never sees the
+# padding after it, and the loss mask keeps the padding out of the sums. The length is rounded up to a
+# multiple of pad_to_multiple and the last batch is filled with empty rows, so a compiled model meets
+# only a handful of shapes (10 for the whole validation set). Rows are sorted by length first, so that
+# little of a batch is padding: the rows of one example need not share a batch, each is scored alone.
 
 
 @dataclass
 class Batch:
     tokens: torch.Tensor  # (4 * batch_size, T) context + ending, right-padded with <|endoftext|>
     scored: torch.Tensor  # (4 * batch_size, T) bool: True on the ending's tokens, whose loss counts
-    indices: list[int]  # the examples in this batch, in the order of their rows (the rest is padding)
+    rows: list[int]  # which rows these are (row 4 * i + j: example i, ending j); the rest is padding
 
 
 def example_rows(example: HellaSwagExample, block_size: int | None) -> list[tuple[list[int], int]]:
@@ -195,30 +195,32 @@ def example_rows(example: HellaSwagExample, block_size: int | None) -> list[tupl
     return rows
 
 
-def make_batches(examples, batch_size: int, block_size: int | None, pad_to_multiple: int = 32):
-    """Yield Batches covering every example once, longest first: a batch that does not fit in memory
-    fails at once, and the last, partial batch is the shortest, so its empty rows cost least.
+def make_batches(examples, batch_size: int, block_size: int | None, pad_to_multiple=16, sort_by_length=True):
+    """Yield Batches covering each row of each example once.
 
-    Shapes: (4 * batch_size, T) with T a multiple of pad_to_multiple (or block_size, when that is
-    shorter). batch_size=1, pad_to_multiple=1 is the plain one-example-per-forward evaluation.
+    Shapes: (4 * batch_size, T), T a multiple of pad_to_multiple (or block_size, if that is shorter).
+    Sorted longest first: a batch too big for memory fails at once, and the last, partial batch is the
+    shortest, so its empty rows cost least. batch_size=1, pad_to_multiple=1, sort_by_length=False is
+    the plain loop of one example per forward pass.
     """
     assert batch_size >= 1 and pad_to_multiple >= 1
-    rows = [example_rows(example, block_size) for example in examples]
-    lengths = [max(len(row) for row, _ in example) for example in rows]
-    order = sorted(range(len(examples)), key=lengths.__getitem__, reverse=True)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        length = math.ceil(max(lengths[i] for i in indices) / pad_to_multiple) * pad_to_multiple
+    rows = [row for example in examples for row in example_rows(example, block_size)]
+    order = list(range(len(rows)))
+    if sort_by_length:
+        order.sort(key=lambda r: len(rows[r][0]), reverse=True)
+    rows_per_batch = NUM_ENDINGS * batch_size
+    for start in range(0, len(order), rows_per_batch):
+        batch_rows = order[start : start + rows_per_batch]
+        length = math.ceil(max(len(rows[r][0]) for r in batch_rows) / pad_to_multiple) * pad_to_multiple
         if block_size is not None:
             length = min(length, block_size)
-        tokens = torch.full((NUM_ENDINGS * batch_size, length), EOT_TOKEN, dtype=torch.long)
-        scored = torch.zeros((NUM_ENDINGS * batch_size, length), dtype=torch.bool)
-        for slot, i in enumerate(indices):
-            for ending, (row, n_scored) in enumerate(rows[i]):
-                r = NUM_ENDINGS * slot + ending
-                tokens[r, : len(row)] = torch.tensor(row)
-                scored[r, len(row) - n_scored : len(row)] = True
-        yield Batch(tokens, scored, indices)
+        tokens = torch.full((rows_per_batch, length), EOT_TOKEN, dtype=torch.long)
+        scored = torch.zeros((rows_per_batch, length), dtype=torch.bool)
+        for slot, r in enumerate(batch_rows):
+            row, n_scored = rows[r]
+            tokens[slot, : len(row)] = torch.tensor(row)
+            scored[slot, len(row) - n_scored : len(row)] = True
+        yield Batch(tokens, scored, batch_rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,33 +264,44 @@ def ending_losses(model, tokens: torch.Tensor, scored: torch.Tensor, autocast_dt
     return sum_loss, mean_loss
 
 
-def hellaswag_losses(model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=32):
+def hellaswag_losses(
+    model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=16, sort_by_length=True
+):
     """Per-ending losses (sum_losses, mean_losses), each a float tensor (len(examples), 4) on the CPU,
     in the order of `examples`."""
     block_size = block_size_of(model)
-    sum_losses = torch.zeros(len(examples), NUM_ENDINGS, device=device)
-    mean_losses = torch.zeros(len(examples), NUM_ENDINGS, device=device)
-    for batch in make_batches(examples, batch_size, block_size, pad_to_multiple):
+    sum_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)  # row 4 * i + j: example i, ending j
+    mean_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)
+    for batch in make_batches(examples, batch_size, block_size, pad_to_multiple, sort_by_length):
         sum_loss, mean_loss = ending_losses(model, batch.tokens.to(device), batch.scored.to(device), autocast_dtype)
-        n = len(batch.indices)
-        indices = torch.tensor(batch.indices, device=device)
-        sum_losses[indices] = sum_loss[: NUM_ENDINGS * n].view(n, NUM_ENDINGS)  # rows are example-major
-        mean_losses[indices] = mean_loss[: NUM_ENDINGS * n].view(n, NUM_ENDINGS)
-    return sum_losses.cpu(), mean_losses.cpu()  # one device -> host copy, at the end: no sync per batch
+        rows = torch.tensor(batch.rows, device=device)
+        sum_losses[rows] = sum_loss[: len(rows)]  # the rows after len(rows) are padding
+        mean_losses[rows] = mean_loss[: len(rows)]
+    # One device -> host copy, at the end: no waiting for the GPU after every batch.
+    return sum_losses.view(-1, NUM_ENDINGS).cpu(), mean_losses.view(-1, NUM_ENDINGS).cpu()
 
 
 def hellaswag_counts(
-    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, pad_to_multiple=32
+    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, pad_to_multiple=16,
+    sort_by_length=True,
 ) -> dict:
-    """Score this rank's share of the examples (every world_size-th, from the rank-th).
+    """Score this rank's share of `examples` (a list from load_hellaswag): every world_size-th
+    example, from the rank-th.
 
     Returns dict(correct=..., correct_norm=..., total=...) as ints: the caller adds them up across
     ranks (all-reduce) and divides. acc = correct / total, acc_norm = correct_norm / total.
     Ranks run different numbers of forward passes: pass the model itself (compiled or not), not its
     DDP wrapper, whose forward may talk to the other ranks.
+
+    batch_size: examples per forward pass (4 rows each). autocast_dtype: None (fp32) or torch.bfloat16.
+    pad_to_multiple: round each batch's length up to a multiple of this, so that a compiled model sees
+    a few shapes; an eager model may use 1 (no wasted tokens). sort_by_length=False keeps the rows in
+    order (with batch_size=1, one example per forward: the slow baseline).
     """
     share = examples[rank::world_size]
-    sum_losses, mean_losses = hellaswag_losses(model, share, device, batch_size, autocast_dtype, pad_to_multiple)
+    sum_losses, mean_losses = hellaswag_losses(
+        model, share, device, batch_size, autocast_dtype, pad_to_multiple, sort_by_length
+    )
     labels = torch.tensor([example.label for example in share], dtype=torch.long)
     return dict(
         correct=int((sum_losses.argmin(dim=1) == labels).sum()),
@@ -308,11 +321,13 @@ AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (completion style).")
-    parser.add_argument("--model", required=True, help="gpt2 | gpt2-medium | ... | checkpoint .pt | run folder | HF dir")
+    parser.add_argument("--model", required=True, help="gpt2 | gpt2-medium | ... | checkpoint.pt | run folder | HF dir")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps, ...")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
-    parser.add_argument("--data", default=None, help=f"local hellaswag_val.jsonl (default: ${DATA_ENV_VAR}, else download)")
+    parser.add_argument(
+        "--data", default=None, help=f"a local hellaswag_val.jsonl (default: ${DATA_ENV_VAR}, else download it)"
+    )
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     parser.add_argument("--dtype", default="float32", choices=AUTOCAST_DTYPES, help="autocast dtype of the forward")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
@@ -382,8 +397,11 @@ def evaluate(args, rank: int, world_size: int, device: str) -> None:
     if args.compile:
         model = torch.compile(model)
     autocast_dtype = AUTOCAST_DTYPES[args.dtype]
+    # A compiled model needs a few fixed shapes; an eager one runs any shape, and padding is wasted work.
+    pad_to_multiple = 16 if args.compile else 1
     counts, seconds = timed_counts(
-        model, examples, device, rank, world_size, batch_size=args.batch_size, autocast_dtype=autocast_dtype
+        model, examples, device, rank, world_size, batch_size=args.batch_size, autocast_dtype=autocast_dtype,
+        pad_to_multiple=pad_to_multiple,
     )
     n = counts["total"]
     result = dict(
@@ -408,9 +426,10 @@ def evaluate(args, rank: int, world_size: int, device: str) -> None:
         print(f"acc {result['acc']:.4f}")
         print(f"acc_norm {result['acc_norm']:.4f}")
     if args.compare_unbatched:
-        # The same scoring, one example (four rows, no extra padding) per forward pass.
+        # The same scoring, one example per forward pass: its four rows, padded to the longest of them.
         unbatched, unbatched_seconds = timed_counts(
-            model, examples, device, rank, world_size, batch_size=1, autocast_dtype=autocast_dtype, pad_to_multiple=1
+            model, examples, device, rank, world_size, batch_size=1, autocast_dtype=autocast_dtype,
+            pad_to_multiple=1, sort_by_length=False,
         )
         result["unbatched_examples_per_s"] = n / unbatched_seconds
         result["unbatched_counts_match"] = unbatched == counts

@@ -109,25 +109,36 @@ def test_batched_scores_equal_one_ending_at_a_time(raw_rows, examples, block_siz
 
 def test_batches_have_few_fixed_shapes_and_padding_changes_no_score(tiny_model, examples, data_path):
     batches = list(make_batches(examples[:42], batch_size=8, block_size=256))
-    assert sorted(i for batch in batches for i in batch.indices) == list(range(42))  # each example once
+    assert sorted(r for batch in batches for r in batch.rows) == list(range(42 * NUM_ENDINGS))  # each row once
     for batch in batches:
         rows, length = batch.tokens.shape
-        assert rows == 8 * NUM_ENDINGS and length % 32 == 0
+        assert rows == 8 * NUM_ENDINGS and length % 16 == 0
         assert batch.scored.shape == batch.tokens.shape
-    last = batches[-1]  # 42 = 5 * 8 + 2: two examples and six empty ones, which score nothing
-    assert len(last.indices) == 2 and not last.scored[2 * NUM_ENDINGS :].any()
+        # The ending closes each row, so its last scored token ends the row: the longest row fills
+        # the batch's length up to the multiple of 16.
+        longest = max(int(row.nonzero().max()) + 1 for row in batch.scored if row.any())
+        assert length - 16 < longest <= length
+    last = batches[-1]  # 168 rows = 5 * 32 + 8: eight rows and 24 empty ones, which score nothing
+    assert len(last.rows) == 8 and not last.scored[8:].any()
+    # The baseline of one example per forward: its four rows, in order.
+    plain = list(make_batches(examples[:3], 1, block_size=256, pad_to_multiple=1, sort_by_length=False))
+    assert [b.rows for b in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
 
-    # The whole validation set at GPT-2's block size: a handful of shapes, all with the same rows.
-    all_shapes = {tuple(b.tokens.shape) for b in make_batches(load_hellaswag(data_path), 16, block_size=1024)}
-    assert {rows for rows, _ in all_shapes} == {16 * NUM_ENDINGS} and len(all_shapes) <= 6
+    # The whole validation set at GPT-2's block size: a handful of shapes, all with the same number of
+    # rows, and hardly more tokens than the examples hold (one example per forward needs 1.10x).
+    all_examples = load_hellaswag(data_path)
+    all_batches = list(make_batches(all_examples, 16, block_size=1024))
+    shapes = {tuple(b.tokens.shape) for b in all_batches}
+    assert {rows for rows, _ in shapes} == {16 * NUM_ENDINGS} and len(shapes) <= 10
+    real_tokens = sum(len(e.context) + len(ending) for e in all_examples for ending in e.endings)
+    assert sum(b.tokens.numel() for b in all_batches) < 1.10 * real_tokens
 
     # One example per pass without extra padding, or 5 or 16 per pass (the last batch partial, filled
     # with dummy rows): the same losses.
-    plain_sums, plain_means = hellaswag_losses(tiny_model, examples[:42], "cpu", batch_size=1, pad_to_multiple=1)
+    plain_losses = hellaswag_losses(tiny_model, examples[:42], "cpu", 1, pad_to_multiple=1, sort_by_length=False)
     for batch_size in (5, 16):
-        sums, means = hellaswag_losses(tiny_model, examples[:42], "cpu", batch_size=batch_size)
-        torch.testing.assert_close(sums, plain_sums, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(means, plain_means, rtol=1e-5, atol=1e-5)
+        losses = hellaswag_losses(tiny_model, examples[:42], "cpu", batch_size=batch_size)
+        torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-5)
 
 
 def test_hugging_face_gpt2_with_the_same_weights_scores_the_same(tiny_model, tiny_hf_dir, examples):
@@ -157,9 +168,10 @@ def test_two_ranks_count_the_same_as_one(tiny_model, tiny_hf_dir, examples, data
     assert "acc_norm" in one.stdout and two.stdout.count("acc_norm") == 1  # only rank 0 prints
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     expected = hellaswag_counts(tiny_model, examples[:41], "cpu")
+    expected_counts = (expected["correct"], expected["correct_norm"])
     for result, world_size in ((one, 1), (two, 2)):
         assert result["world_size"] == world_size
-        assert (result["n"], result["correct"], result["correct_norm"]) == (41, expected["correct"], expected["correct_norm"])
+        assert (result["n"], result["correct"], result["correct_norm"]) == (41, *expected_counts)
         assert result["acc_norm"] == pytest.approx(expected["correct_norm"] / 41)
         assert result["examples_per_s"] > 0 and result["data"] == str(data_path.resolve())
         assert {"model", "acc", "timestamp", "dtype"} <= result.keys()
