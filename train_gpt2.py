@@ -736,13 +736,13 @@ PRESETS = {
         micro_batch_size=32,
         max_lr=2e-3,
         warmup_steps=20,
-        max_steps=200,
+        max_steps=150,
         eval_interval=25,
         hellaswag=False,
-        sample_interval=100,
+        sample_interval=75,
         num_samples=2,
         sample_prompt="ROMEO:",
-        checkpoint_interval=100,
+        checkpoint_interval=75,
     ),
 }
 
@@ -975,6 +975,25 @@ class StopRequest:
     def restore(self):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def read_log(path) -> dict[str, dict[int, float]]:
+    """{stream: {step: value}} from a run's log.txt (`step stream value` lines).
+
+    A resumed run appends and redoes the steps after its checkpoint, so the later line for a step wins.
+    A half-written last line (a run still writing) and lines that do not parse are left out; a skipped
+    update (`skipped nonfinite`) reads as nan.
+    """
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    lines.pop()  # "" when the file ends with a newline, else the line still being written
+    streams = {}
+    for line in lines:
+        try:
+            step, stream, value = line.split()
+            streams.setdefault(stream, {})[int(step)] = math.nan if value == "nonfinite" else float(value)
+        except ValueError:  # not three fields, or not numbers
+            continue
+    return streams
 
 
 def format_duration(seconds: float) -> str:

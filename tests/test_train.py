@@ -34,13 +34,7 @@ def shakespeare_shards(tmp_path_factory):
 
 
 def read_log(run_dir, stream):
-    """{step: value} for one stream of log.txt; a later line for the same step wins (restarts)."""
-    values = {}
-    for line in (run_dir / "log.txt").read_text().splitlines():
-        step, name, value = line.split()
-        if name == stream:
-            values[int(step)] = value
-    return values
+    return t.read_log(run_dir / "log.txt").get(stream, {})
 
 
 def train(shards, run_dir, *extra, procs=None, **kw):
@@ -99,8 +93,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(shakespeare_shards, shared
         one, two = read_log(tmp_path / "one", stream), read_log(tmp_path / "two", stream)
         assert one.keys() == two.keys() and len(one) >= 2
         for step in one:
-            assert float(one[step]) == pytest.approx(float(two[step]), abs=1e-5)
-    assert float(read_log(tmp_path / "one", "train")[5]) < float(read_log(tmp_path / "one", "train")[0])
+            assert one[step] == pytest.approx(two[step], abs=1e-5)
+    assert read_log(tmp_path / "one", "train")[5] < read_log(tmp_path / "one", "train")[0]
 
 
 def test_resume_is_bitwise_exact(shakespeare_shards, tmp_path):
@@ -113,7 +107,7 @@ def test_resume_is_bitwise_exact(shakespeare_shards, tmp_path):
     train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--stop_after_step", n // 2)
     assert sorted(p.name for p in (tmp_path / "halves").glob("ckpt_*.pt")) == [f"ckpt_{n // 2:06d}.pt"]
     train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--resume")
-    assert read_log(tmp_path / "halves", "train") == straight  # the same strings: bitwise the same float32s
+    assert read_log(tmp_path / "halves", "train") == straight  # logged to 9 digits: bitwise the same float32s
 
     # The checkpoint loads with weights_only=True and carries everything a resume needs.
     checkpoint = t.load_checkpoint(tmp_path / "halves" / f"ckpt_{n:06d}.pt")
@@ -129,7 +123,7 @@ def test_sigterm_resume_matches_uninterrupted(shakespeare_shards, tmp_path):
     cmd = script_command(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", run_dir, *TINY, "--max_steps", n)
     proc = subprocess.Popen(cmd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(read_log(run_dir, "train") if (run_dir / "log.txt").exists() else {}) < 5:
+    while time.time() < deadline and ((run_dir / "log.txt").exists() and len(read_log(run_dir, "train"))) < 5:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
@@ -199,6 +193,6 @@ def test_quick_start_preset_end_to_end(tmp_path):
     assert sorted(p.name for p in (tmp_path / "tinyshakespeare_tokens").glob("*.npy")) == [
         "tinyshakespeare_train_000001.npy", "tinyshakespeare_val_000000.npy"]
     val = read_log(tmp_path / "log", "val")
-    assert set(val) == {0, 4, 7} and float(val[7]) < float(val[0]) - 0.5
+    assert set(val) == {0, 4, 7} and val[7] < val[0] - 0.5
     assert result.stdout.count("sample 0: 'ROMEO:") == 2
     assert (tmp_path / "log" / "ckpt_000008.pt").exists() and (tmp_path / "log" / "train_config.json").exists()
