@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from train_gpt2 import EOT_TOKEN, UserError, get_tokenizer, load_model, pick_device, run_main
+from train_gpt2 import EOT_TOKEN, UserError, get_tokenizer, load_model, run_main, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The data
@@ -342,18 +342,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def setup_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world_size, device). Under torchrun: joins the process group, NCCL on GPUs, Gloo on CPUs."""
-    device = pick_device(device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    if device == "cuda":
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def write_json_atomically(path, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +363,7 @@ def timed_counts(model, examples, device, rank, world_size, **kwargs) -> tuple[d
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
+    _, rank, _, world_size, device = setup_distributed(args.device)  # train_gpt2's: torchrun or one process
     try:
         evaluate(args, rank, world_size, device)
     finally:

@@ -234,12 +234,13 @@ class GPT(nn.Module):
         """Parameters, counting the tied embedding once (124,439,808 for GPT-2 small)."""
         return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """idx: (B, T) token ids. Returns (logits, loss).
 
         With targets (B, T), loss is the mean cross-entropy and logits cover the padded vocab (slicing
         would cost a copy of the largest tensor in training). Without targets, logits cover only the
-        real vocab (B, T, vocab_size), so padded rows can never be sampled or scored.
+        real vocab (B, T, vocab_size), so padded rows can never be sampled or scored. last_only: logits
+        of the last position only (B, 1, vocab_size), all that sampling needs.
         """
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
@@ -252,6 +253,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
+        if last_only:  # the vocab projection is the largest matmul: skip it where nobody reads it
+            x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         if targets is None:
             return logits[..., : self.config.vocab_size], None
@@ -397,7 +400,7 @@ class GPT(nn.Module):
             )
         kv_cache = KVCache(self.config, B) if use_kv_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx, kv_cache=kv_cache)  # the whole prompt in one pass
+        logits, _ = self(idx, kv_cache=kv_cache, last_only=True)  # the whole prompt in one pass
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_at_eot:
@@ -406,7 +409,7 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_token], dim=1)
             if step == max_new_tokens - 1 or (stop_at_eot and finished.all()):
                 break
-            logits, _ = self(next_token if kv_cache is not None else idx, kv_cache=kv_cache)
+            logits, _ = self(next_token if kv_cache is not None else idx, kv_cache=kv_cache, last_only=True)
         return idx
 
 
