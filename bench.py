@@ -13,7 +13,6 @@ with a ratio measured in the same run. Training figures are the median of --step
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import statistics
@@ -29,6 +28,7 @@ from train_gpt2 import (
     TrainConfig,
     configure_optimizer,
     flops_per_token,
+    mixed_precision,
     peak_flops_for,
     pick_device,
     pick_dtype,
@@ -94,16 +94,15 @@ def sync(device: str):
 def bench_training(config, args, device, dtype) -> dict:
     """Median time of a full optimizer step (forward, backward, clip, AdamW) on (B, T), for ours and
     the HF peer. Their steps alternate, so a change in machine load hits both alike."""
-    device_type = device.split(":")[0]
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast, _ = mixed_precision(device, dtype)
     B, T = args.batch_size, config.block_size
     x = torch.randint(0, config.vocab_size, (B, T), device=device)
     y = torch.randint(0, config.vocab_size, (B, T), device=device)
     setups, times, peak_mem = {}, {"ours": [], "hf": []}, {}
     for impl in ("ours", "hf"):
         model = build(impl, config, device)
-        optimizer = configure_optimizer(model, TrainConfig(), device_type)
-        scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        optimizer = configure_optimizer(model, TrainConfig(), device.split(":")[0])
+        _, scaler = mixed_precision(device, dtype)  # a scaler per model: each tracks its own gradients
         setups[impl] = (model, torch.compile(model) if args.compile == "on" else model, optimizer, scaler)
     for i in range(args.warmup + args.steps):
         for impl, (model, compiled, optimizer, scaler) in setups.items():
@@ -136,7 +135,7 @@ def bench_training(config, args, device, dtype) -> dict:
 def bench_sampling(impl, config, args, device, dtype, use_cache: bool) -> float:
     """Greedy generation tokens/s for a batch of prompts, with or without the KV cache."""
     model = build(impl, config, device).eval()
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast, _ = mixed_precision(device, dtype)
     prompt = torch.randint(0, config.vocab_size, (args.sample_batch, 16), device=device)
     new = min(args.sample_tokens, config.block_size - 16)
     times = []
@@ -205,9 +204,6 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     args.compile = "on" if args.compile == "on" or (args.compile == "auto" and device.startswith("cuda")) else "off"
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     config = GPTConfig(block_size=args.block_size, vocab_pad_multiple=args.vocab_pad_multiple, **SIZES[args.model])
     skip = set(filter(None, args.skip.split(",")))
     hardware = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{device} ({torch.get_num_threads()} threads)"

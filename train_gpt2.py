@@ -876,6 +876,18 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return torch.float32  # CPUs without bf16 units run bf16 slower than fp32; MPS is safest in fp32
 
 
+def mixed_precision(device: str, dtype: torch.dtype):
+    """(autocast context, gradient scaler) for this device and dtype; on CUDA, fp32 matmuls use TF32."""
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    # fp16's narrow range would flush small gradients to zero: the scaler scales the loss up (and back).
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    return autocast, scaler
+
+
 # Dense bf16/fp16 tensor-core peak FLOP/s from the datasheets, matched against the device name in order.
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12),
@@ -1049,7 +1061,7 @@ def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
 def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
     master = rank == 0  # only rank 0 prints, logs and writes checkpoints
     say = print if master else (lambda *a, **k: None)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    device_type = device.split(":")[0]
     say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
 
     # The batch: total_batch_size tokens per optimizer step, made of micro-batches of B sequences of
@@ -1092,11 +1104,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     say(f"data: {train_loader.windows_per_epoch * B * T:,} train tokens per epoch; {val_loader.total_tokens:,} val tokens per eval")
 
     dtype = pick_dtype(config.dtype, device)
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+    autocast, scaler = mixed_precision(device, dtype)
     optimizer = configure_optimizer(model, config, device_type)
 
     start_step, val_loss = 0, None
