@@ -237,10 +237,10 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """idx: (B, T) token ids. Returns (logits, loss).
 
-        With targets (B, T), loss is the mean cross-entropy and logits cover the padded vocab (slicing
-        would cost a copy of the largest tensor in training). Without targets, logits cover only the
-        real vocab (B, T, vocab_size), so padded rows can never be sampled or scored. last_only: logits
-        of the last position only (B, 1, vocab_size), all that sampling needs.
+        With targets (B, T), loss is the mean cross-entropy and logits cover the padded vocab. Logits
+        and loss only ever cover the real vocab (vocab_size), so padded rows can never be sampled,
+        scored or given probability. last_only: logits of the last position only (B, 1, vocab_size),
+        all that sampling needs.
         """
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
@@ -258,7 +258,12 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         if targets is None:
             return logits[..., : self.config.vocab_size], None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        # The softmax runs over the real vocab only. The padded rows are tokens that never occur, but
+        # their logits are whatever their (random) rows give: about 0, while a trained GPT-2 puts every
+        # real logit near -60, so left in the softmax they would take nearly all the probability.
+        # Slicing is free here: the float() copy that the loss needs anyway reads only these columns.
+        vocab_size = self.config.vocab_size
+        loss = F.cross_entropy(logits[..., :vocab_size].reshape(-1, vocab_size).float(), targets.reshape(-1))
         return logits, loss
 
     # -----------------------------------------------------------------------------------------------
@@ -286,17 +291,29 @@ class GPT(nn.Module):
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load {name_or_dir!r} with transformers: {first_line}") from e
         hf = hf_model.config
-        # Variants of GPT2Config that this model does not implement: refuse rather than be subtly wrong.
-        unsupported = {
-            "activation_function": (hf.activation_function, "gelu_new"),
-            "scale_attn_by_inverse_layer_idx": (hf.scale_attn_by_inverse_layer_idx, False),
-            "reorder_and_upcast_attn": (hf.reorder_and_upcast_attn, False),
-            "scale_attn_weights": (hf.scale_attn_weights, True),
-            "n_inner": (hf.n_inner, None),
+        # Every GPT2Config field that changes what the model computes must have GPT-2's value: this
+        # model implements exactly that one function. Refuse anything else rather than be subtly wrong.
+        # (Dropout rates are left out: they change training, not the function, and we train without.)
+        gpt2_only = {
+            "model_type": "gpt2",
+            "activation_function": "gelu_new",  # GELU, tanh approximation
+            "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": True,  # one matrix for the token embeddings and the classifier
+            "scale_attn_weights": True,  # attention scores divided by sqrt(head size)
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "add_cross_attention": False,
+            "n_inner": 4 * hf.n_embd,  # the MLP's width (None means 4 * n_embd)
         }
-        for key, (value, expected) in unsupported.items():
-            if value != expected and not (key == "n_inner" and value == 4 * hf.n_embd):
-                raise UserError(f"{name_or_dir}: GPT2Config.{key}={value!r} is not supported (expected {expected!r})")
+        for key, expected in gpt2_only.items():
+            value = getattr(hf, key, expected)
+            if key == "n_inner" and value is None:
+                value = 4 * hf.n_embd
+            if value != expected:
+                raise UserError(
+                    f"{name_or_dir}: GPT2Config.{key}={value!r} is not supported: this GPT-2 implements "
+                    f"{key}={expected!r} only"
+                )
         config = GPTConfig(
             block_size=hf.n_positions,
             vocab_size=hf.vocab_size,

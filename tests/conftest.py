@@ -59,6 +59,27 @@ def run_script(*args, cwd=REPO_ROOT, timeout=600, torchrun_procs=None, env=None)
                           capture_output=True, text=True, timeout=timeout)
 
 
+TRAIN = REPO_ROOT / "train_gpt2.py"
+# A tiny GPT that trains a step in tens of milliseconds on a CPU.
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--micro_batch_size", "2",
+        "--total_batch_size", "256", "--warmup_steps", "3", "--max_lr", "1e-3", "--val_tokens", "256",
+        "--eval_interval", "4", "--sample_interval", "0", "--no-hellaswag", "--device", "cpu"]
+
+
+def train(shards, run_dir, *extra, procs=None, **kw):
+    """train_gpt2.py with the TINY settings on `shards`, into run_dir; it must succeed."""
+    result = run_script(TRAIN, "--data_dir", shards, "--log_dir", run_dir, *TINY, *extra, torchrun_procs=procs, **kw)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_log(run_dir, stream):
+    """{step: value} of one stream of a run's log.txt."""
+    import train_gpt2
+
+    return train_gpt2.read_log(Path(run_dir) / "log.txt").get(stream, {})
+
+
 def assert_one_line_error(result, *fragments):
     """A bad input must end the program with a non-zero code and one clear line, no traceback."""
     assert result.returncode != 0, f"expected failure, got success:\n{result.stdout}"
@@ -70,3 +91,20 @@ def assert_one_line_error(result, *fragments):
     for fragment in fragments:
         assert fragment in last, f"{fragment!r} not in {last!r}"
     return last
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory):
+    """Real text: the first 200K characters of Tiny Shakespeare, tokenized, as one val and two train shards."""
+    import numpy as np
+
+    import train_gpt2 as t
+
+    out = tmp_path_factory.mktemp("shards")
+    text = (REPO_ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    tokens = np.array([t.EOT_TOKEN] + t.get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    n = len(tokens)
+    np.save(out / "shk_val_000000.npy", tokens[: n // 10])
+    np.save(out / "shk_train_000001.npy", tokens[n // 10 : n // 2])
+    np.save(out / "shk_train_000002.npy", tokens[n // 2 :])
+    return out

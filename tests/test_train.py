@@ -5,43 +5,11 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_one_line_error, run_script, script_command, script_env
+from conftest import TINY, TRAIN, assert_one_line_error, read_log, run_script, script_command, script_env, train
 
 import train_gpt2 as t
-
-TRAIN = REPO_ROOT / "train_gpt2.py"
-# A tiny GPT that trains a step in tens of milliseconds on a CPU.
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--micro_batch_size", "2",
-        "--total_batch_size", "256", "--warmup_steps", "3", "--max_lr", "1e-3", "--val_tokens", "256",
-        "--eval_interval", "4", "--sample_interval", "0", "--no-hellaswag", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def shakespeare_shards(tmp_path_factory):
-    """Real text: Tiny Shakespeare, tokenized, as one val and two train shards."""
-    out = tmp_path_factory.mktemp("shards")
-    enc = t.get_tokenizer()
-    text = (REPO_ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
-    tokens = np.array([t.EOT_TOKEN] + enc.encode_ordinary(text), dtype=np.uint16)
-    n = len(tokens)
-    np.save(out / "shk_val_000000.npy", tokens[: n // 10])
-    np.save(out / "shk_train_000001.npy", tokens[n // 10 : n // 2])
-    np.save(out / "shk_train_000002.npy", tokens[n // 2 :])
-    return out
-
-
-def read_log(run_dir, stream):
-    return t.read_log(run_dir / "log.txt").get(stream, {})
-
-
-def train(shards, run_dir, *extra, procs=None, **kw):
-    result = run_script(TRAIN, "--data_dir", shards, "--log_dir", run_dir, *TINY, *extra, torchrun_procs=procs, **kw)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
 
 def test_gradient_accumulation_equals_one_big_batch():
     """B=8 x 1 micro-step and B=2 x 4 micro-steps give the same gradient (the 1/N scaling)."""
