@@ -81,6 +81,36 @@ def test_export_round_trip_to_hugging_face(vocab_pad_multiple, tmp_path):
         assert (again(tokens)[0] - model(tokens)[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("vocab_pad_multiple", [1, 64])
+def test_chunked_loss_equals_the_plain_loss(vocab_pad_multiple):
+    """LinearCrossEntropy (the default) gives the loss and every gradient of the plain classifier +
+    F.cross_entropy: in fp32, under bf16 autocast, without gradients, and traced by torch.compile."""
+    torch.manual_seed(0)
+    model = t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, vocab_pad_multiple=vocab_pad_multiple))
+    x, y = torch.randint(0, 50257, (4, 64)), torch.randint(0, 50257, (4, 64))
+
+    def loss_and_grads(chunk_rows, dtype=None, compiled=False):
+        model.zero_grad(set_to_none=True)
+        model.loss_chunk_rows = chunk_rows  # 100: chunks of 100, 100 and 56 rows
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            _, loss = (torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model)(x, y)
+        (loss / 4).backward()  # a grad_output other than 1, as gradient accumulation sends
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads(0)
+    for chunked_loss, chunked_grads in (loss_and_grads(100), loss_and_grads(8192), loss_and_grads(100, compiled=True)):
+        torch.testing.assert_close(chunked_loss, plain_loss, rtol=1e-6, atol=1e-6)
+        for chunked, plain in zip(chunked_grads, plain_grads, strict=True):
+            torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-8)
+    bf16_plain, bf16_plain_grads = loss_and_grads(0, torch.bfloat16)
+    bf16_chunked, bf16_chunked_grads = loss_and_grads(100, torch.bfloat16)
+    torch.testing.assert_close(bf16_chunked, bf16_plain, rtol=1e-3, atol=1e-3)
+    for chunked, plain in zip(bf16_chunked_grads, bf16_plain_grads, strict=True):
+        assert (chunked - plain).abs().max() <= 2e-2 * plain.abs().max()  # bf16 keeps 8 bits of mantissa
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, y)[1], plain_loss, rtol=1e-6, atol=1e-6)
+
+
 def test_padded_vocab_is_never_sampled():
     torch.manual_seed(0)
     model = t.GPT(t.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, vocab_pad_multiple=64)).eval()
