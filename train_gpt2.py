@@ -115,35 +115,55 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every layer for the tokens already seen, so that sampling one more token
-    costs one position's work instead of re-running the whole sequence."""
+    costs one position's work instead of re-running the whole sequence.
 
-    def __init__(self, config: GPTConfig, batch_size: int):
+    "Static": room for block_size positions is allocated once, and a step writes its new keys/values
+    into their slots and attends over all of them, with a mask that hides the slots not yet filled.
+    Every step then has the same shapes and the same tensors, whatever the position, so one compiled
+    decode step (captured as a CUDA graph on GPUs, see GPT.generate) serves the whole generation. For
+    the same reason the count of cached tokens is a tensor on the device: a Python int would be baked
+    into the compiled step as a constant.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device="cpu"):
         self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.k = self.v = None  # allocated on first use, in the dtype the model computes in (bf16 under autocast)
-        self.length = 0  # tokens cached so far
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens cached so far
+        self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this layer's new keys/values (B, nh, T, hs); return all of them so far (B, nh, length+T, hs)."""
+    def step(self, T: int):
+        """Make room for T new tokens: (their positions (T,), the attention mask (T, block_size))."""
+        positions = self.length + torch.arange(T, device=self.length.device)
+        mask = self.slots[None, :] <= positions[:, None]  # a new token sees the cached tokens and itself
+        self.length += T  # in place: the same tensor every step
+        return positions, mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write this layer's new keys/values (B, nh, T, hs) into their slots; return all slots (B, nh, block_size, hs)."""
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            if k.is_cuda:  # tell torch.compile these tensors keep their address: a CUDA graph may write to them
+                torch._dynamo.mark_static_address(self.k)
+                torch._dynamo.mark_static_address(self.v)
+                torch._dynamo.mark_static_address(self.length)
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.layer = layer  # which block this is: its slot in the KV cache
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values of all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads back into the residual stream
         self.c_proj.is_residual_projection = True  # see GPT._init_weights
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, positions=None, mask=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # Split the channels into heads; each head attends on its own: (B, T, C) -> (B, nh, T, hs)
@@ -154,16 +174,9 @@ class CausalSelfAttention(nn.Module):
             # Causal mask: position t may look at positions <= t. SDPA runs this as flash attention
             # where the hardware has it, never materialising the (T, T) attention matrix.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            past = kv_cache.length
-            k, v = kv_cache.append(layer, k, v)  # (B, nh, past+T, hs)
-            if past == 0:  # the prompt: an ordinary causal pass
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            elif T == 1:  # one new token: it may look at everything before it, no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:  # several new tokens after a cached prefix: query i sees keys up to past+i
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # sampling: these T tokens come after the cached ones
+            k, v = kv_cache.update(self.layer, k, v, positions)  # every slot (B, nh, block_size, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # the mask hides slots after each token
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
 
@@ -182,17 +195,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, positions=None, mask=None):
         # Pre-LayerNorm (GPT-2's change to the original Transformer): the residual stream x itself is
         # never normalised, so gradients flow straight from the loss to the first layer.
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        x = x + self.attn(self.ln_1(x), kv_cache, positions, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -252,7 +265,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings (learned)
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),  # pre-LN leaves the stream un-normalised: normalise once at the end
             )
         )
@@ -293,15 +306,15 @@ class GPT(nn.Module):
         last position only (B, 1, vocab_size), all that sampling needs.
         """
         B, T = idx.size()
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts over B
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.length += T
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            positions, mask = torch.arange(T, device=idx.device), None
+        else:  # the caller (generate) keeps the cached tokens + T within block_size
+            positions, mask = kv_cache.step(T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) broadcasts over B
+        for block in self.transformer.h:
+            x = block(x, kv_cache, positions, mask)
         x = self.transformer.ln_f(x)
         vocab_size = self.config.vocab_size
         if targets is None:
@@ -445,6 +458,21 @@ class GPT(nn.Module):
     # Autoregressive: score the prompt, pick a next token from the last position's distribution, append
     # it, repeat. With the KV cache each step feeds only the new token; without it each step re-runs
     # the whole sequence (the tests check that both give the same tokens).
+    #
+    # A 124M model does little work per new token, and in eager PyTorch each step is ~200 kernel
+    # launches: the GPU waits for Python. compile_step=True compiles the one-token step (fixed shapes,
+    # thanks to the static KV cache) and, on CUDA, captures it as a CUDA graph that replays all its
+    # kernels in one launch. It compiles once per batch size, and pays off over many tokens.
+
+    def decode_step(self, token, kv_cache):
+        """One new token per row, after the cached ones: (B, 1) -> logits of the next token (B, 1, vocab)."""
+        return self(token, kv_cache=kv_cache, last_only=True)[0]
+
+    def compiled_decode_step(self, device_type: str):
+        if getattr(self, "_compiled_decode_step", None) is None:
+            mode = "reduce-overhead" if device_type == "cuda" else None  # reduce-overhead = CUDA graphs
+            self._compiled_decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled_decode_step
 
     @torch.no_grad()
     def generate(
@@ -457,30 +485,42 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         stop_at_eot: bool = False,
         use_kv_cache: bool = True,
+        compile_step: bool = False,
     ):
         """idx: (B, T) prompt tokens, the same length in every row. Returns (B, T + n), n <= max_new_tokens.
 
         temperature 0 is greedy decoding. With stop_at_eot, a row that produced <|endoftext|> is padded
-        with it, and generation ends once every row has.
+        with it, and generation ends once every row has. Each token is predicted from the last
+        block_size tokens at most: a longer context is cropped, as in nanoGPT.
         """
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
-            raise UserError(
-                f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size {self.config.block_size}"
-            )
-        kv_cache = KVCache(self.config, B) if use_kv_cache else None
+        block_size = self.config.block_size
+        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # all written in place
+        tokens[:, :T] = idx
+        kv_cache = KVCache(self.config, B, idx.device) if use_kv_cache else None
+        step = self.compiled_decode_step(idx.device.type) if compile_step else self.decode_step
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx, kv_cache=kv_cache, last_only=True)  # the whole prompt in one pass
-        for step in range(max_new_tokens):
+        n = T  # tokens so far
+        logits, _ = self(idx[:, -block_size:], kv_cache=kv_cache, last_only=True)  # the prompt in one pass
+        for i in range(max_new_tokens):
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_at_eot:
                 next_token = torch.where(finished[:, None], EOT_TOKEN, next_token)
                 finished |= next_token[:, 0] == EOT_TOKEN
-            idx = torch.cat([idx, next_token], dim=1)
-            if step == max_new_tokens - 1 or (stop_at_eot and finished.all()):
+            tokens[:, n] = next_token[:, 0]
+            n += 1
+            if i == max_new_tokens - 1 or (stop_at_eot and finished.all()):
                 break
-            logits, _ = self(next_token if kv_cache is not None else idx, kv_cache=kv_cache, last_only=True)
-        return idx
+            if kv_cache is not None and n <= block_size:  # the new token's position n - 1 has a slot
+                if compile_step:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are read: reuse them
+                logits = step(next_token, kv_cache)
+            else:
+                # No cache, or the context outgrew the block: run the last block_size tokens again. (A
+                # sliding KV cache cannot do this: GPT-2's positions are learned embeddings, and every
+                # token of the cropped window moves to a new position, so its keys and values change.)
+                logits, _ = self(tokens[:, max(0, n - block_size) : n], last_only=True)
+        return tokens[:, :n]
 
 
 # OpenAI's four GPT-2 sizes (all with block_size 1024, vocab 50257).

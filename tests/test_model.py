@@ -186,11 +186,36 @@ def test_stop_at_end_of_text():
     assert out.shape == (2, 4) and out[:, -1].tolist() == [t.EOT_TOKEN] * 2
 
 
-def test_generation_longer_than_block_size_is_refused():
-    model = tiny_model()
-    with pytest.raises(t.UserError, match="block_size"):
-        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
-    assert model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=4).shape == (1, 64)
+@pytest.mark.parametrize("prompt_length", [50, 80])  # the block fills while sampling; the prompt alone overfills it
+def test_generation_past_block_size_crops_the_context(prompt_length):
+    """Past block_size, each token is predicted from the last block_size tokens (nanoGPT's crop): greedy
+    decoding equals a full recomputation on the cropped context, with the KV cache or without."""
+    model = tiny_model()  # block_size 64
+    prompt = torch.randint(0, 50257, (2, prompt_length))
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(expected[:, -64:])
+            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for use_kv_cache in (True, False):
+        out = model.generate(prompt, 30, temperature=0, use_kv_cache=use_kv_cache)
+        assert out.tolist() == expected.tolist()
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    """The compiled one-token step (a CUDA graph on GPUs; the same code, compiled, on this CPU) samples
+    exactly the tokens of the plain step, greedy and seeded, before and after the block fills."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(block_size=32, n_layer=1)
+    prompt = torch.randint(0, 50257, (3, 5))
+    for sampling in (dict(temperature=0), dict(temperature=0.9, top_k=40)):
+        outputs = [model.generate(prompt, 40, generator=torch.Generator().manual_seed(5), compile_step=compiled, **sampling)
+                   for compiled in (False, True)]
+        assert outputs[0].shape == (3, 45) and outputs[0].tolist() == outputs[1].tolist()
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once for this batch size, not per position
 
 
 def test_default_config_is_gpt2_124m_and_starts_at_chance():
