@@ -219,6 +219,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
 
 
 def test_default_config_is_gpt2_124m_and_starts_at_chance():
+    torch.manual_seed(0)
     model = t.GPT(t.GPTConfig())
     assert model.num_params() == 124_439_808
     assert model.transformer.wte.weight is model.lm_head.weight  # tied
@@ -230,7 +231,9 @@ def test_default_config_is_gpt2_124m_and_starts_at_chance():
     idx, targets = torch.randint(0, 50257, (2, 128)), torch.randint(0, 50257, (2, 128))
     with torch.no_grad():
         _, loss = model(idx, targets)
-    assert abs(loss.item() - math.log(50257)) < 0.1
+    # Chance is ln(50257) = 10.82. The random classifier adds a little: each logit is h . w with |h| =
+    # sqrt(768) after ln_f and w ~ N(0, 0.02), a spread of 0.55 that costs about 0.55^2 / 2 = 0.15.
+    assert 0.05 < loss.item() - math.log(50257) < 0.25
     assert t.GPT(t.GPTConfig(vocab_pad_multiple=64)).transformer.wte.weight.shape == (50304, 768)
 
 
