@@ -9,12 +9,13 @@ The story, in the order it is told below:
   2. the model: config -> attention -> MLP -> block -> GPT
   3. GPT-2 weights in and out: load OpenAI's checkpoints, export ours for Hugging Face
   4. sampling, with a KV cache
-  5. loading any model: a GPT-2 name, a Hugging Face directory, or one of our checkpoints
-  6. the data loader: memory-mapped token shards, shuffled, split across GPUs, resumable
-  7. training settings: one dataclass that is also the command line
-  8. the optimizer and the learning-rate schedule
-  9. checkpoints that survive preemption
- 10. the training loop: gradient accumulation, DDP, eval, HellaSwag, samples, logging
+  5. LoRA: fine-tuning a few parameters
+  6. loading any model: a GPT-2 name, a Hugging Face directory, or one of our checkpoints
+  7. the data loader: memory-mapped token shards, shuffled, split across GPUs, resumable
+  8. training settings: one dataclass that is also the command line
+  9. the optimizer and the learning-rate schedule
+ 10. checkpoints that survive preemption
+ 11. the training loop: gradient accumulation, DDP, eval, HellaSwag, samples, logging
 """
 
 import argparse
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -56,6 +58,17 @@ def run_main(main) -> None:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported the same way: one `error: ...` line, exit code 2. Flags must
+    be spelled out (no --max for --max_steps), so a typo can't silently set another flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,13 +236,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, want_grad: bool):
-        # x (rows, C), weight (padded_vocab, C), targets (rows,)
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, want_grad_x: bool, want_grad_weight: bool):
+        # x (rows, C), weight (padded_vocab, C), targets (rows,). No gradient is computed that nobody wants:
+        # none in evaluation, none for a frozen weight (LoRA fine-tuning, section 3).
         rows = x.size(0)
         padded = torch.arange(weight.size(0), device=x.device) >= vocab_size  # the padded vocab columns
         loss_sum = torch.zeros((), device=x.device)
-        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if want_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad else None
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if want_grad_x else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad_weight else None
         for start in range(0, rows, chunk_rows):
             x_chunk, target = x[start : start + chunk_rows], targets[start : start + chunk_rows, None]
             logits = (x_chunk @ weight.t()).float()  # (chunk, padded_vocab); a bf16 matmul under autocast
@@ -242,10 +256,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = logits.exp_()
             norm = probs.sum(dim=1, keepdim=True)
             loss_sum += (norm.log() - target_logit).sum()  # -log softmax(logits)[target], summed over rows
-            if want_grad:  # softmax - one_hot; autocast runs the two matmuls in bf16, as it would in backward
+            if want_grad_x or want_grad_weight:  # softmax - one_hot; autocast runs the matmuls in bf16, as in backward
                 grad_logits = probs.div_(norm).scatter_add_(1, target, -torch.ones_like(norm))
-                grad_x[start : start + chunk_rows] = grad_logits @ weight  # the classifier's backward, both halves
-                grad_weight += grad_logits.t() @ x_chunk
+                if want_grad_x:  # the classifier's backward, one half ...
+                    grad_x[start : start + chunk_rows] = grad_logits @ weight
+                if want_grad_weight:  # ... and the other
+                    grad_weight += grad_logits.t() @ x_chunk
         ctx.save_for_backward(grad_x, grad_weight)
         ctx.rows = rows
         return loss_sum / rows
@@ -254,7 +270,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_x, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.rows
-        return grad_x * scale, grad_weight * scale, None, None, None, None
+        return (grad_x * scale if grad_x is not None else None, grad_weight * scale if grad_weight is not None else None,
+                None, None, None, None, None)
 
 
 class GPT(nn.Module):
@@ -275,6 +292,8 @@ class GPT(nn.Module):
         # 38.6M parameters (30% of the 124M model). GPT-2 does this.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        self.lora = None  # LoRA adapters' settings once add_lora gives it some (section 5)
+        self.source = "a new GPT"  # what it was loaded from, for the user (section 6)
         # Rows of logits per chunk of the loss (LinearCrossEntropy): 8192 rows of 50,304 fp32 logits
         # are 1.6 GB at a time instead of 13 GB for a 64 x 1024 micro-batch. 0: the plain, unchunked loss.
         self.loss_chunk_rows = 8192
@@ -326,8 +345,9 @@ class GPT(nn.Module):
         # logit near -60, so left in the softmax they would take nearly all the probability.
         x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
         if self.loss_chunk_rows:
-            want_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets, vocab_size, self.loss_chunk_rows, want_grad)
+            weight, grad = self.lm_head.weight, torch.is_grad_enabled()
+            loss = LinearCrossEntropy.apply(x, weight, targets, vocab_size, self.loss_chunk_rows,
+                                            grad and x.requires_grad, grad and weight.requires_grad)
         else:  # the plain way, kept as the reference the tests and bench.py compare with
             loss = F.cross_entropy(self.lm_head(x)[:, :vocab_size].float(), targets)
         return None, loss
@@ -352,7 +372,8 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel  # imported here: only this path needs transformers
 
         try:
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+            with quiet_transformers():
+                hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except (OSError, ValueError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load {name_or_dir!r} with transformers: {first_line}") from e
@@ -440,7 +461,8 @@ class GPT(nn.Module):
         import json
         import shutil
 
-        self.to_hf().save_pretrained(out_dir)
+        with quiet_transformers():
+            self.to_hf().save_pretrained(out_dir)
         # GPT-2's tokenizer in Hugging Face's file format (vocab.json + merges.txt), from the vendored
         # copies of OpenAI's files: AutoTokenizer.from_pretrained(out_dir) then needs no download.
         shutil.copyfile(DATA_DIR / "encoder.json", Path(out_dir) / "vocab.json")
@@ -534,9 +556,26 @@ GPT2_SIZES = {
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' progress bars and warnings while it loads or saves weights for us: they
+    describe its internals (shards, loss types), not anything a user of this repo should act on."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict with one-line errors. Embedding rows beyond the source's vocab (padding) keep
-    their init, so a 50257-row GPT-2 loads into a 50304-row model for fine-tuning."""
+    """load_state_dict with one-line errors. Embedding rows beyond the source's vocab (padding) are
+    zeroed, so a 50257-row GPT-2 loads into a 50304-row model for fine-tuning, the same way every time."""
     ours = model.state_dict()
     missing = sorted(set(ours) - set(state))
     unexpected = sorted(set(state) - set(ours))
@@ -555,6 +594,7 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
                     "(was it saved from a model of another size?)"
                 )
             target[: value.size(0)].copy_(value)
+            target[value.size(0) :].zero_()  # padded rows (if any): never used, but deterministic
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -580,7 +620,86 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. Loading any model
+# 5. LoRA: fine-tuning a few parameters
+#
+# Fine-tuning every weight needs, per weight, its gradient and AdamW's two moments: four copies of the
+# model before a single activation, 2 GB for GPT-2 124M and 25 GB for GPT-2 XL. LoRA (Hu et al., 2021)
+# freezes the pretrained weights and learns, beside a weight matrix W (out x in), a low-rank update
+# B @ A, with A (r x in) and B (out x r) for a small rank r:
+#
+#     y = x W^T + b + (alpha / r) * x A^T B^T
+#
+# With r = 8 on the four matrices of every block, GPT-2 124M trains 1.2M parameters (1%), and only they
+# have gradients and optimizer moments. Three details make it work:
+#  - B starts at zero, so the update starts at zero: step 0 is exactly the pretrained model. A starts
+#    random, because the gradient of B goes through A (and A's through B): were both zero, neither
+#    would ever move.
+#  - alpha / r scales the update, so that a change of r keeps roughly the same step size: tune the
+#    learning rate once, then try ranks.
+#  - After training, W + (alpha / r) B A is one ordinary matrix. Merging gives back a plain GPT-2 of the
+#    same shapes and speed, which exports to Hugging Face like any other; a checkpoint stores only A
+#    and B, and where the pretrained weights come from.
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the four matrices of a block
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (the same weight and bias tensors) plus a trainable low-rank update."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # state-dict names stay those of the layer
+        factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, **factory))  # zero: starts as W
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as LoRA's authors did
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        # Through A first: (B, T, in) -> (B, T, r) -> (B, T, out) costs r * (in + out) per token, never in * out.
+        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+
+    def merged(self) -> nn.Linear:
+        """An ordinary nn.Linear computing the same function: W + (alpha / r) B A."""
+        out_features, in_features = self.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter((self.weight + self.scale * self.lora_B @ self.lora_A).detach())
+        linear.bias = nn.Parameter(self.bias.detach()) if self.bias is not None else None
+        return linear
+
+
+def add_lora(model: GPT, rank: int, alpha: float, targets=LORA_TARGETS, also_train=()) -> GPT:
+    """Freeze the model and give the `targets` matrices of every block a LoRA adapter (in place).
+    Parameters whose names contain one of `also_train` (e.g. "ln_", "bias") keep training too."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fragment in name for fragment in also_train))
+    for block in model.transformer.h:
+        for target in targets:
+            parent_name, layer_name = target.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, layer_name)
+            if not 1 <= rank <= min(layer.in_features, layer.out_features):
+                raise UserError(f"--lora_rank {rank} must be between 1 and the smaller side of {target} "
+                                f"({layer.out_features} x {layer.in_features})")
+            setattr(parent, layer_name, LoRALinear(layer, rank, alpha))
+    return model
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its weight (in place): a plain GPT again, every parameter trainable."""
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, layer in list(parent.named_children()):
+                if isinstance(layer, LoRALinear):
+                    setattr(parent, name, layer.merged())
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.lora = None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Loading any model
 #
 # Every tool here (training with --init_from, sample.py, hellaswag.py, validate.py, the notebooks)
 # takes the same kind of model reference: a GPT-2 name, a Hugging Face directory, a checkpoint file
@@ -621,32 +740,69 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> GPT:
+def weights_fingerprint(model: nn.Module) -> float:
+    """A number that changes when any weight changes: tells a LoRA checkpoint's base model from another."""
+    return sum(float(p.detach().double().sum()) for p in model.parameters())
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: bool = True) -> GPT:
+    """The model a checkpoint holds. A LoRA checkpoint holds only the adapters (and what else trained):
+    the pretrained model it adapted is loaded again from where the run found it, and the adapters are
+    merged into it (merge=False keeps them separate, to resume training)."""
     try:
         config = GPTConfig(**checkpoint["model_config"])
     except TypeError as e:
         raise UserError(f"{source}: model_config does not describe a GPTConfig ({e})") from e
-    model = GPT(config)
-    load_state_dict_checked(model, checkpoint["model"], source=source)
+    lora = checkpoint.get("lora")
+    if lora is None:
+        model = GPT(config)
+        load_state_dict_checked(model, checkpoint["model"], source=source)
+        return model
+    try:
+        model = load_pretrained(lora["base"], config.vocab_pad_multiple)
+    except UserError as e:
+        raise UserError(f"{source} holds LoRA adapters for {lora['base']}, which does not load: {e}") from e
+    if asdict(model.config) != asdict(config) or weights_fingerprint(model) != lora["base_fingerprint"]:
+        raise UserError(f"{source} holds LoRA adapters for another model than the one now at {lora['base']}")
+    add_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora["also_train"])
+    model.lora = lora
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(checkpoint["model"]):
+        raise UserError(f"{source}: its LoRA tensors do not match its LoRA settings")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(checkpoint["model"][name])
+    return merge_lora(model) if merge else model
+
+
+def load_pretrained(reference: str, vocab_pad_multiple: int = 1) -> GPT:
+    """The model a reference names, on the CPU: a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face
+    directory (its vocab padded to vocab_pad_multiple), a checkpoint file, or a run folder (its newest
+    checkpoint). model.source says what was loaded, for the user."""
+    path = Path(reference)
+    if path.is_dir() and not (path / "config.json").exists():  # a run folder: its newest checkpoint
+        path = find_latest_checkpoint(path)
+        if path is None:
+            raise UserError(f"{reference} holds no {CHECKPOINT_GLOB} checkpoints and is not a Hugging Face directory")
+    if path.is_file() or path.suffix == ".pt":
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, source=str(path))
+        lora = checkpoint.get("lora")
+        model.source = (f"{path} (step {checkpoint.get('step', '?')}" +
+                        (f", LoRA rank {lora['rank']} on {lora['base']}, merged)" if lora else ")"))
+    else:
+        model = GPT.from_pretrained(str(reference), vocab_pad_multiple)
+        model.source = str(reference)
     return model
 
 
 def load_model(init_from: str, device: str = "cpu") -> GPT:
-    """A GPT-2 name (gpt2, gpt2-medium, ...), an HF directory, a checkpoint file, or a run folder."""
-    path = Path(init_from)
-    if path.is_dir() and not (path / "config.json").exists():  # a run folder: its newest checkpoint
-        path = find_latest_checkpoint(path)
-        if path is None:
-            raise UserError(f"{init_from} holds no {CHECKPOINT_GLOB} checkpoints and is not a Hugging Face directory")
-    if path.is_file() or path.suffix == ".pt":
-        model = model_from_checkpoint(load_checkpoint(path), source=str(path))
-    else:
-        model = GPT.from_pretrained(init_from)
-    return model.to(device).eval()
+    """load_pretrained(init_from), on `device`, in eval mode: for sampling and evaluation."""
+    return load_pretrained(init_from).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. The data loader
+# 7. The data loader
 #
 # fineweb.py writes the corpus as shards of uint16 token ids ({name}_val_000000.npy, {name}_train_000001.npy,
 # ...), documents separated by <|endoftext|>. Training cuts each shard into windows of B*T+1 tokens
@@ -774,66 +930,85 @@ class ValLoader:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Training settings
+# 8. Training settings
 #
 # One dataclass: its fields are the command-line flags (--help prints each help text), it is printed
 # at start and saved as train_config.json beside the log. The defaults are the GPT-2 124M reproduction on
 # FineWeb-Edu 10B, the numbers of the GPT-3 paper's "small" model (GPT-2 itself never published them).
 
 
-def setting(default, help: str):
-    return field(default=default, metadata={"help": help})
+# What a setting may be. Every value is checked (check_config) before any work starts, and a bad one
+# is named in one line: `--max_steps 0` must not "train" on nothing, `--max_lr nan` must not run for
+# an hour of NaNs.
+RULES = {
+    "positive": (lambda v: v >= 1, "must be at least 1"),
+    "non_negative": (lambda v: v >= 0, "must be 0 or more"),
+    "positive_number": (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0"),
+    "non_negative_number": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number, 0 or more"),
+    "fraction": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+    "beta": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+}
+
+
+def setting(default, help: str, rule: str | None = None, choices: tuple | None = None):
+    return field(default=default, metadata=dict(help=help, rule=rule, choices=choices))
 
 
 @dataclass
 class TrainConfig:
     # data
     data_dir: str = setting("edu_fineweb10B", "folder of token shards written by fineweb.py")
-    val_tokens: int = setting(10_485_760, "val tokens per evaluation (20 x 2^19), the same for any number of GPUs")
+    val_tokens: int = setting(10_485_760, "val tokens per evaluation (20 x 2^19), the same for any number of GPUs", rule="positive")
     data_seed: int = setting(1337, "seed of the per-epoch shuffle of shards and windows")
     # model
-    init_from: str = setting("scratch", "scratch | gpt2[-medium|-large|-xl] | a Hugging Face dir | a checkpoint .pt")
-    block_size: int = setting(1024, "sequence length T")
-    n_layer: int = setting(12, "blocks (for --init_from scratch)")
-    n_head: int = setting(12, "attention heads per block (for --init_from scratch)")
-    n_embd: int = setting(768, "width of the residual stream (for --init_from scratch)")
-    vocab_pad_multiple: int = setting(64, "pad the vocab to a multiple of this (64: 50257 -> 50304, faster on GPUs)")
+    init_from: str = setting("scratch", "scratch | gpt2[-medium|-large|-xl] | a Hugging Face dir | a checkpoint .pt | a run folder")
+    block_size: int = setting(1024, "sequence length T", rule="positive")
+    n_layer: int = setting(12, "blocks (for --init_from scratch)", rule="positive")
+    n_head: int = setting(12, "attention heads per block (for --init_from scratch)", rule="positive")
+    n_embd: int = setting(768, "width of the residual stream (for --init_from scratch)", rule="positive")
+    vocab_pad_multiple: int = setting(64, "pad the vocab to a multiple of this (64: 50257 -> 50304, faster on GPUs)", rule="positive")
+    # fine-tuning with LoRA (section 5)
+    lora_rank: int = setting(0, "rank of the LoRA adapters (0 = no LoRA: every weight trains)", rule="non_negative")
+    lora_alpha: float = setting(16.0, "LoRA's update is scaled by lora_alpha / lora_rank", rule="positive_number")
+    lora_targets: str = setting(",".join(LORA_TARGETS), "the matrices of each block that get adapters (comma-separated)")
+    lora_also_train: str = setting("", "with LoRA, also train the parameters whose names contain one of these (e.g. ln_,bias)")
     # batch: total_batch_size = micro_batch_size * block_size * world_size * grad_accum_steps
-    total_batch_size: int = setting(524_288, "tokens per optimizer step, over all GPUs (2^19 ~ 0.5M, as GPT-3 small)")
-    micro_batch_size: int = setting(64, "sequences per forward/backward on each GPU (lower it if you run out of memory)")
+    total_batch_size: int = setting(524_288, "tokens per optimizer step, over all GPUs (2^19 ~ 0.5M, as GPT-3 small)", rule="positive")
+    micro_batch_size: int = setting(64, "sequences per forward/backward on each GPU (lower it if you run out of memory)", rule="positive")
     # optimizer and schedule
-    max_lr: float = setting(6e-4, "peak learning rate, after warmup")
-    min_lr_ratio: float = setting(0.1, "the cosine decays to max_lr * this")
-    warmup_steps: int = setting(715, "linear warmup (375M tokens, as GPT-3)")
-    max_steps: int = setting(19_073, "optimizer steps (19,073 x 2^19 = 10B tokens, one epoch of FineWeb-Edu 10B)")
-    weight_decay: float = setting(0.1, "AdamW weight decay, on 2-D weights only (not biases, LayerNorms)")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.95, "AdamW beta2")
-    eps: float = setting(1e-8, "AdamW epsilon")
-    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)")
-    max_bad_steps: int = setting(5, "stop after this many non-finite losses/gradients in a row")
+    max_lr: float = setting(6e-4, "peak learning rate, after warmup", rule="positive_number")
+    min_lr_ratio: float = setting(0.1, "the cosine decays to max_lr * this", rule="fraction")
+    warmup_steps: int = setting(715, "linear warmup (375M tokens, as GPT-3)", rule="non_negative")
+    max_steps: int = setting(19_073, "optimizer steps (19,073 x 2^19 = 10B tokens, one epoch of FineWeb-Edu 10B)", rule="positive")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on 2-D weights only (not biases, LayerNorms)", rule="non_negative_number")
+    beta1: float = setting(0.9, "AdamW beta1", rule="beta")
+    beta2: float = setting(0.95, "AdamW beta2", rule="beta")
+    eps: float = setting(1e-8, "AdamW epsilon", rule="positive_number")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)", rule="non_negative_number")
+    max_bad_steps: int = setting(5, "stop after this many non-finite losses/gradients in a row", rule="positive")
     # evaluation and samples
-    eval_interval: int = setting(250, "steps between val loss / HellaSwag evaluations (0 = never)")
+    eval_interval: int = setting(250, "steps between val loss / HellaSwag evaluations (0 = never)", rule="non_negative")
     hellaswag: bool = setting(True, "evaluate HellaSwag every eval_interval (needs hellaswag.py's data)")
     hellaswag_data: str = setting("", "path of hellaswag_val.jsonl (default: $HELLASWAG_DATA, else download)")
-    hellaswag_limit: int = setting(0, "evaluate only the first N HellaSwag examples (0 = all 10,042)")
-    sample_interval: int = setting(250, "steps between printed samples (0 = never)")
-    num_samples: int = setting(4, "samples printed each time")
-    sample_tokens: int = setting(32, "tokens per sample")
+    hellaswag_limit: int = setting(0, "evaluate only the first N HellaSwag examples (0 = all 10,042)", rule="non_negative")
+    sample_interval: int = setting(250, "steps between printed samples (0 = never)", rule="non_negative")
+    num_samples: int = setting(4, "samples printed each time", rule="positive")
+    sample_tokens: int = setting(32, "tokens per sample", rule="positive")
     sample_prompt: str = setting("Hello, I'm a language model,", "prompt of the printed samples")
     # checkpoints and logs
     log_dir: str = setting("log", "run folder: log.txt, train_config.json, checkpoints")
-    checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)")
-    keep_checkpoints: int = setting(3, "keep the newest K checkpoints")
+    checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)", rule="positive")
+    keep_checkpoints: int = setting(3, "keep the newest K checkpoints", rule="positive")
     resume: bool = setting(False, "continue from the newest checkpoint in log_dir (starts fresh if there is none)")
-    stop_after_step: int = setting(0, "stop with a checkpoint after this many steps, as if preempted (0 = run to max_steps)")
+    stop_after_step: int = setting(0, "stop with a checkpoint after this many steps, as if preempted (0 = run to max_steps)", rule="non_negative")
     overwrite: bool = setting(False, "delete an earlier run's log and checkpoints in log_dir and start over")
     # system
     device: str = setting("auto", "auto (cuda > mps > cpu) | cuda | cuda:N | mps | cpu")
-    dtype: str = setting("auto", "auto (bfloat16 on GPUs that have it, float16 on older GPUs, else float32) | bfloat16 | float16 | float32")
-    compile: str = setting("auto", "torch.compile the model: auto (on for CUDA) | on | off")
+    dtype: str = setting("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, else float32",
+                         choices=("auto", "bfloat16", "float16", "float32"))
+    compile: str = setting("auto", "torch.compile the model (auto: on for CUDA)", choices=("auto", "on", "off"))
     seed: int = setting(1337, "seed of the model init")
-    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)")
+    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)", rule="non_negative_number")
 
 
 # Settings for a quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU.
@@ -860,33 +1035,76 @@ PRESETS = {
 }
 
 
+def split_list(text: str) -> tuple[str, ...]:
+    """"a, b,c" -> ("a", "b", "c"): the comma-separated values of a flag."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def parse_config(argv=None) -> TrainConfig:
-    """The command line, from TrainConfig's fields. --preset NAME changes the defaults; flags win."""
-    parser = argparse.ArgumentParser(description="Train GPT-2. Every setting is a flag; see README.md.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of settings")
+    """The command line, from TrainConfig's fields, checked. --preset NAME changes the defaults; flags win."""
+    def as_flag(name, value):
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+    presets = "\n".join(f"  {name}: " + " ".join(as_flag(*kv) for kv in values.items()) for name, values in PRESETS.items())
+    parser = ArgumentParser(description="Train GPT-2. Every setting is a flag; see README.md.",
+                            epilog=f"presets (--preset NAME sets these; flags given beside it win):\n{presets}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of settings (listed below)")
     for f in fields(TrainConfig):
         kind = f.type if isinstance(f.type, type) else type(f.default)
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"] + f" (default: {'on' if f.default else 'off'})")
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
+                                help=f.metadata["help"] + " (default: %(default)s)")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**PRESETS[preset])
     args = vars(parser.parse_args(argv))
     args.pop("preset")
-    return TrainConfig(**args)
+    config = TrainConfig(**args)
+    # The flags on the command line (not a preset's or the defaults): some only make sense with others.
+    explicit = {a[2:].split("=")[0].removeprefix("no-") for a in argv if a.startswith("--")}
+    check_config(config, explicit)
+    return config
+
+
+def check_config(config: TrainConfig, explicit=frozenset()) -> None:
+    """One UserError for the first bad setting, before any work starts."""
+    for f in fields(TrainConfig):
+        value, rule = getattr(config, f.name), f.metadata["rule"]
+        if rule and not RULES[rule][0](value):
+            raise UserError(f"--{f.name} {value} {RULES[rule][1]}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.device):
+        raise UserError(f"--device {config.device} is not a device: use auto, cpu, mps, cuda or cuda:N")
+    if config.n_embd % config.n_head:
+        raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
+    lora_flags = sorted(explicit & {"lora_alpha", "lora_targets", "lora_also_train"})
+    if not config.lora_rank and lora_flags:
+        raise UserError(f"--{lora_flags[0]} has no effect without --lora_rank (the rank of the LoRA adapters)")
+    if config.lora_rank and config.init_from == "scratch":
+        raise UserError("--lora_rank adapts a pretrained model: give --init_from (gpt2, an HF dir, a checkpoint)")
+    unknown = [t for t in split_list(config.lora_targets) if t not in LORA_TARGETS]
+    if unknown or not split_list(config.lora_targets):
+        raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
+    if config.sample_interval and len(get_tokenizer().encode(config.sample_prompt)) >= config.block_size:
+        raise UserError(f"--sample_prompt is {len(get_tokenizer().encode(config.sample_prompt))} tokens: it must be "
+                        f"shorter than --block_size {config.block_size}")
 
 
 # ---------------------------------------------------------------------------------------------------
-# 8. The optimizer and the learning-rate schedule
+# 9. The optimizer and the learning-rate schedule
 
 
 def configure_optimizer(model: GPT, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    # Only what trains gets an optimizer state (with LoRA: the adapters, not the frozen weights).
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # Weight decay pulls weights towards zero. It regularises the matmul weights and embeddings; on
     # biases and LayerNorm gains it would only fight their job, so 1-D parameters are left alone.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(
         groups,
@@ -909,7 +1127,7 @@ def get_lr(step: int, config: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 9. Checkpoints
+# 10. Checkpoints
 #
 # Everything needed to continue as if never stopped: weights, optimizer moments, step, the loader's
 # position, and every random state. Written to a temp file then renamed, so a kill during a save
@@ -939,8 +1157,11 @@ def set_rng_states(states: dict) -> None:
 
 def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizer, loader: TrainLoader, config: TrainConfig,
                     val_loss, scaler=None) -> Path:
+    # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
+    trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     checkpoint = dict(
-        model=model.state_dict(),
+        model=trained if model.lora else model.state_dict(),
+        lora=model.lora,
         model_config=asdict(model.config),
         optimizer=optimizer.state_dict(),
         scaler=scaler.state_dict() if scaler is not None else None,
@@ -960,7 +1181,7 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizer, loader: Tra
 
 
 # ---------------------------------------------------------------------------------------------------
-# 10. The training loop
+# 11. The training loop
 
 
 def setup_distributed(requested_device: str):
@@ -1150,22 +1371,24 @@ def prepare_run_dir(config: TrainConfig, master: bool) -> Path | None:
 
 
 def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
-    if checkpoint is not None:  # resuming: the architecture comes from the checkpoint
-        return model_from_checkpoint(checkpoint, source="the resumed checkpoint")
+    """The model to train: the resumed checkpoint's, a new GPT (--init_from scratch), or a pretrained
+    model (a GPT-2 name, an HF dir, a checkpoint or a run folder), with LoRA adapters if asked."""
+    if checkpoint is not None:  # resuming: the architecture (and LoRA adapters) come from the checkpoint
+        return model_from_checkpoint(checkpoint, source="the resumed checkpoint", merge=False)
     if config.init_from == "scratch":
-        gpt_config = GPTConfig(
-            block_size=config.block_size,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            n_embd=config.n_embd,
-            vocab_pad_multiple=config.vocab_pad_multiple,
-        )
         if config.n_embd % config.n_head:
             raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
-        return GPT(gpt_config)
-    if Path(config.init_from).suffix == ".pt" or Path(config.init_from).is_file():  # fine-tune one of ours
-        return model_from_checkpoint(load_checkpoint(config.init_from), source=config.init_from)
-    return GPT.from_pretrained(config.init_from, vocab_pad_multiple=config.vocab_pad_multiple)
+        return GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
+                             n_embd=config.n_embd, vocab_pad_multiple=config.vocab_pad_multiple))
+    model = load_pretrained(config.init_from, config.vocab_pad_multiple)
+    if config.lora_rank:
+        path = Path(config.init_from)  # where to find the base again: an absolute path, or a GPT-2 name
+        base = dict(base=str(path.resolve()) if path.exists() else config.init_from,
+                    base_fingerprint=weights_fingerprint(model))
+        targets, also_train = split_list(config.lora_targets), split_list(config.lora_also_train)
+        add_lora(model, config.lora_rank, config.lora_alpha, targets, also_train)
+        model.lora = dict(rank=config.lora_rank, alpha=config.lora_alpha, targets=targets, also_train=also_train, **base)
+    return model
 
 
 def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
@@ -1209,6 +1432,10 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     if T > model.config.block_size:
         raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
     say(f"model: {model.num_params():,} parameters, {asdict(model.config)}")
+    if model.lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(f"LoRA: rank {model.lora['rank']}, alpha {model.lora['alpha']} on {','.join(model.lora['targets'])}: "
+            f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
     train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, model.config.vocab_size, device)
     val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device)
     say(f"data: {train_loader.windows_per_epoch * B * T:,} train tokens per epoch; {val_loader.total_tokens:,} val tokens per eval")

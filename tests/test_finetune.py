@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch.nn import functional as F
-from conftest import read_log, train
+from conftest import read_log, run_script, train
 
 import train_gpt2 as t
 
@@ -63,3 +63,114 @@ def test_from_pretrained_refuses_configs_it_cannot_represent(field, value, tmp_p
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     with pytest.raises(t.UserError, match=f"GPT2Config.{field}={value!r} is not supported"):
         t.GPT.from_pretrained(str(tmp_path))
+
+
+def test_lora_trains_only_its_adapters_then_merges_into_a_plain_gpt2(shakespeare_shards, tmp_path):
+    """LoRA on a pretrained-like model: exactly rank x (in + out) trainable parameters per matrix, the
+    val loss falls on real text while every pretrained weight stays bitwise the same, and the merged
+    model (and its Hugging Face export) computes what the adapted one does."""
+    import contextlib
+    import copy
+
+    from transformers import GPT2LMHeadModel
+
+    pretrained_like_hf_dir(tmp_path / "hf")
+    model = t.load_pretrained(str(tmp_path / "hf"), vocab_pad_multiple=64)
+    pretrained = {name: p.detach().clone() for name, p in model.named_parameters()}
+    base = copy.deepcopy(model).eval()
+    torch.manual_seed(0)
+    t.add_lora(model, rank=4, alpha=8.0)
+    tokens = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():  # B starts at zero: the adapted model starts as the pretrained one, exactly
+        assert torch.equal(model(tokens)[0], base(tokens)[0])
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    # n_embd 32: c_attn 32 -> 96, attn.c_proj 32 -> 32, c_fc 32 -> 128, mlp.c_proj 128 -> 32; 2 blocks.
+    assert sum(trainable.values()) == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)) == 4096
+    assert all(name.endswith(("lora_A", "lora_B")) for name in trainable)
+
+    optimizer = t.configure_optimizer(model, t.TrainConfig(), "cpu")
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == 4096  # no state for frozen weights
+    loader, val = t.TrainLoader(shakespeare_shards, 8, 32, seed=0), t.ValLoader(shakespeare_shards, 8, 32, val_tokens=4096)
+    no_autocast, scaler = contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+    val_before, _ = t.evaluate_val_loss(model, val, no_autocast, ddp=False)
+    for _ in range(20):
+        t.train_step(model, optimizer, loader.next_batch, 1, no_autocast, 1e-2, 1.0, scaler, ddp=False)
+    val_after, _ = t.evaluate_val_loss(model, val, no_autocast, ddp=False)
+    assert val_after < val_before - 0.02
+    for name, param in model.named_parameters():
+        if name in pretrained:
+            assert torch.equal(param, pretrained[name]), f"{name} changed"
+            assert param.grad is None  # frozen: not even a gradient is kept
+
+    merged = t.merge_lora(copy.deepcopy(model)).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        adapted_logits, merged_logits = model.eval()(tokens)[0], merged(tokens)[0]
+        scale = adapted_logits.abs().max()  # about 60: float32 resolves ~4e-6 there
+        assert (adapted_logits - merged_logits).abs().max() <= 1e-5 * scale
+        merged.save_hf(tmp_path / "export")
+        exported = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+        assert (exported(tokens).logits - merged_logits).abs().max() <= 1e-5 * scale
+
+
+def test_a_lora_run_resumes_exactly_runs_under_ddp_and_its_checkpoint_works_everywhere(
+        shakespeare_shards, shared_data, tmp_path):
+    """A LoRA run through the command line: its checkpoint holds only the adapters (a fraction of a
+    full one), a stop + --resume gives bitwise the losses of a straight run, 2 DDP ranks match 1, and
+    sample.py, hellaswag.py, validate.py, export and --init_from all take it."""
+    from transformers import GPT2LMHeadModel
+
+    pretrained_like_hf_dir(tmp_path / "hf")
+    lora = ["--init_from", tmp_path / "hf", "--lora_rank", "4", "--lora_alpha", "8", "--max_lr", "3e-3", "--max_steps", "12"]
+    train(shakespeare_shards, tmp_path / "straight", *lora)
+    straight = read_log(tmp_path / "straight", "train")
+    train(shakespeare_shards, tmp_path / "halves", *lora, "--stop_after_step", "6")
+    train(shakespeare_shards, tmp_path / "halves", *lora, "--resume")
+    assert read_log(tmp_path / "halves", "train") == straight and len(straight) == 12
+    train(shakespeare_shards, tmp_path / "ddp", *lora, procs=2)
+    for step, loss in read_log(tmp_path / "ddp", "train").items():
+        assert loss == pytest.approx(straight[step], abs=1e-5)
+
+    checkpoint_path = tmp_path / "straight" / "ckpt_000012.pt"
+    checkpoint = t.load_checkpoint(checkpoint_path)
+    assert set(checkpoint["model"]) == {f"transformer.h.{i}.{target}.lora_{m}" for i in range(2)
+                                        for target in t.LORA_TARGETS for m in "AB"}
+    train(shakespeare_shards, tmp_path / "full", "--init_from", tmp_path / "hf", "--max_steps", "1")
+    full_size = (tmp_path / "full" / "ckpt_000001.pt").stat().st_size
+    assert checkpoint_path.stat().st_size < full_size / 50
+
+    run = tmp_path / "straight"
+    model = t.load_model(str(run))  # merged: a plain GPT-2
+    assert model.lora is None and "LoRA rank 4" in model.source
+    model.save_hf(tmp_path / "export")
+    tokens = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        ours, theirs = model(tokens)[0], GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()(tokens).logits
+    assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max()
+
+    sample = run_script("sample.py", "--init_from", run, "--max_new_tokens", "4", "--num_samples", "1")
+    assert sample.returncode == 0 and "LoRA rank 4" in sample.stdout, sample.stderr
+    # Before vs after: the same prompt and seed for both models, and their loss on a text.
+    text = tmp_path / "scene.txt"
+    text.write_text((t.DATA_DIR / "tinyshakespeare.txt").read_text()[-3000:])
+    compare = run_script("sample.py", "--init_from", run, "--compare", tmp_path / "hf", "--eval_text", text,
+                         "--num_samples", "1", "--max_new_tokens", "4", "--prompt", "ROMEO:")
+    assert compare.returncode == 0, compare.stderr
+    out = compare.stdout
+    assert out.index("--- sample 0, model A ---") < out.index("--- sample 0, model B ---")
+    assert out.count("\nROMEO:") == 2
+    tokens = torch.tensor([t.EOT_TOKEN] + t.get_tokenizer().encode_ordinary(text.read_text()))
+    hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():  # model B's loss, the plain way: 64-token windows through Hugging Face's model
+        windows = [tokens[i : i + 65] for i in range(0, len(tokens) - 1, 64)]
+        total = sum(F.cross_entropy(hf_model(w[None, :-1]).logits[0], w[1:], reduction="sum").item() for w in windows)
+    loss_line = out.strip().splitlines()[-1]
+    assert loss_line.startswith(f"loss on {text} ({len(tokens) - 1:,} tokens): model A ")
+    loss_b = float(loss_line.split("model B ")[1])
+    assert loss_b == pytest.approx(total / (len(tokens) - 1), abs=1e-4)
+
+    validate = run_script("validate.py", run, "--max_new_tokens", "4")
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    hellaswag = run_script("hellaswag.py", "--model", run, "--data", shared_data / "hellaswag_val.jsonl", "--limit", "8")
+    assert hellaswag.returncode == 0 and "acc_norm" in hellaswag.stdout, hellaswag.stderr
+    train(shakespeare_shards, tmp_path / "again", "--init_from", run, "--max_steps", "1")  # a run folder, into a full fine-tune
