@@ -26,7 +26,7 @@ from train_gpt2 import (
     GPT,
     GPTConfig,
     TrainConfig,
-    configure_optimizer,
+    configure_optimizers,
     flops_per_token,
     mixed_precision,
     peak_flops_for,
@@ -101,16 +101,16 @@ def bench_training(config, args, device, dtype) -> dict:
     setups, times, peak_mem = {}, {"ours": [], "hf": []}, {}
     for impl in ("ours", "hf"):
         model = build(impl, config, device)
-        optimizer = configure_optimizer(model, TrainConfig(), device.split(":")[0])
+        optimizers = configure_optimizers(model, TrainConfig(), device.split(":")[0])
         _, scaler = mixed_precision(device, dtype)  # a scaler per model: each tracks its own gradients
-        setups[impl] = (model, torch.compile(model) if args.compile == "on" else model, optimizer, scaler)
+        setups[impl] = (model, torch.compile(model) if args.compile == "on" else model, optimizers, scaler)
     for i in range(args.warmup + args.steps):
-        for impl, (model, compiled, optimizer, scaler) in setups.items():
+        for impl, (model, compiled, optimizers, scaler) in setups.items():
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             t0 = time.perf_counter()
-            train_step(compiled, optimizer, lambda: (x, y), 1, autocast, 6e-4, 1.0, scaler, ddp=False)
+            train_step(compiled, optimizers, lambda: (x, y), 1, autocast, 1.0, scaler, ddp=False)
             sync(device)
             if i >= args.warmup:
                 times[impl].append(time.perf_counter() - t0)

@@ -976,8 +976,16 @@ class TrainConfig:
     total_batch_size: int = setting(524_288, "tokens per optimizer step, over all GPUs (2^19 ~ 0.5M, as GPT-3 small)", rule="positive")
     micro_batch_size: int = setting(64, "sequences per forward/backward on each GPU (lower it if you run out of memory)", rule="positive")
     # optimizer and schedule
-    max_lr: float = setting(6e-4, "peak learning rate, after warmup", rule="positive_number")
-    min_lr_ratio: float = setting(0.1, "the cosine decays to max_lr * this", rule="fraction")
+    optimizer: str = setting("adamw", "adamw: AdamW for every weight (GPT-3's recipe); muon: Muon for the matrices "
+                             "inside the blocks, AdamW for the rest", choices=("adamw", "muon"))
+    max_lr: float = setting(6e-4, "peak learning rate of AdamW, after warmup", rule="positive_number")
+    muon_lr: float = setting(0.02, "peak learning rate of Muon (--optimizer muon)", rule="positive_number")
+    muon_momentum: float = setting(0.95, "Muon's momentum (Nesterov)", rule="beta")
+    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay", rule="non_negative_number")
+    schedule: str = setting("cosine", "cosine: warmup, then a cosine to min_lr_ratio (GPT-3); wsd: warmup, constant, "
+                            "then a linear decay over the last decay_frac of the steps", choices=("cosine", "wsd"))
+    decay_frac: float = setting(0.4, "wsd: the fraction of max_steps over which the learning rate decays", rule="fraction")
+    min_lr_ratio: float = setting(0.1, "the schedule ends at each peak learning rate x this", rule="fraction")
     warmup_steps: int = setting(715, "linear warmup (375M tokens, as GPT-3)", rule="non_negative")
     max_steps: int = setting(19_073, "optimizer steps (19,073 x 2^19 = 10B tokens, one epoch of FineWeb-Edu 10B)", rule="positive")
     weight_decay: float = setting(0.1, "AdamW weight decay, on 2-D weights only (not biases, LayerNorms)", rule="non_negative_number")
@@ -1011,8 +1019,21 @@ class TrainConfig:
     peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)", rule="non_negative_number")
 
 
-# Settings for a quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU.
 PRESETS = {
+    # GPT-2 124M on FineWeb-Edu in fewer tokens: Muon for the block matrices, AdamW for the rest, a
+    # warmup-stable-decay schedule. The same GPT-2 (it exports to Hugging Face like any other); the
+    # evidence for each number is in README.md, "What a run costs".
+    "fast": dict(
+        optimizer="muon",
+        muon_lr=0.02,
+        max_lr=6e-3,
+        schedule="wsd",
+        warmup_steps=250,
+        decay_frac=0.4,
+        min_lr_ratio=0.0,
+        max_steps=8000,  # 4.2B tokens: our estimate of what reaches GPT-2's val loss and HellaSwag
+    ),
+    # A quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU.
     "shakespeare": dict(
         data_dir="tinyshakespeare_tokens",
         val_tokens=16_384,
@@ -1086,6 +1107,8 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
         raise UserError(f"--{lora_flags[0]} has no effect without --lora_rank (the rank of the LoRA adapters)")
     if config.lora_rank and config.init_from == "scratch":
         raise UserError("--lora_rank adapts a pretrained model: give --init_from (gpt2, an HF dir, a checkpoint)")
+    if config.lora_rank and config.optimizer == "muon":
+        raise UserError("--optimizer muon trains the block matrices, which LoRA freezes: fine-tune LoRA with adamw")
     unknown = [t for t in split_list(config.lora_targets) if t not in LORA_TARGETS]
     if unknown or not split_list(config.lora_targets):
         raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
@@ -1098,32 +1121,68 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
 # 9. The optimizer and the learning-rate schedule
 
 
-def configure_optimizer(model: GPT, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def configure_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
+    """AdamW for every trainable parameter (GPT-3's recipe), or with --optimizer muon: Muon for the
+    weight matrices inside the blocks and AdamW for the rest. Each param group keeps its peak_lr;
+    set_lr scales them all by the schedule."""
     # Only what trains gets an optimizer state (with LoRA: the adapters, not the frozen weights).
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizers = []
+    if config.optimizer == "muon":
+        # Muon (Jordan et al., 2024) is SGD with Nesterov momentum whose update, for each weight matrix,
+        # is orthogonalised: a few Newton-Schulz iterations turn the momentum M = U S V^T into U V^T,
+        # every singular value set to 1. Adam's update of a matrix is dominated by a few directions;
+        # this one moves every direction the gradient points to by the same amount, which is what
+        # the hidden matrices of a transformer need and why it trains them in fewer tokens. It is a
+        # rule for matrices only: embeddings (one row per token, rarely seen), biases and LayerNorm
+        # gains stay with AdamW. torch.optim.Muon scales the update by sqrt(max(1, rows / cols)).
+        hidden = [name for name, p in trainable.items() if name.startswith("transformer.h.") and p.dim() == 2]
+        muon_params = [trainable.pop(name) for name in hidden]
+        muon = torch.optim.Muon(muon_params, lr=config.muon_lr, momentum=config.muon_momentum, nesterov=True,
+                                weight_decay=config.muon_weight_decay)
+        muon.param_groups[0]["peak_lr"] = config.muon_lr
+        optimizers.append(muon)
     # Weight decay pulls weights towards zero. It regularises the matmul weights and embeddings; on
     # biases and LayerNorm gains it would only fight their job, so 1-D parameters are left alone.
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(
-        groups,
+    decay = [p for p in trainable.values() if p.dim() >= 2]
+    no_decay = [p for p in trainable.values() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=config.weight_decay, peak_lr=config.max_lr),
+              dict(params=no_decay, weight_decay=0.0, peak_lr=config.max_lr)]
+    adamw = torch.optim.AdamW(
+        [group for group in groups if group["params"]],
         lr=config.max_lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
         fused=device_type == "cuda",  # one kernel for all parameters instead of several per parameter
     )
+    return [adamw] + optimizers
 
 
-def get_lr(step: int, config: TrainConfig) -> float:
-    """Linear warmup to max_lr, then a cosine down to min_lr at max_steps (GPT-3's schedule)."""
-    min_lr = config.max_lr * config.min_lr_ratio
+def lr_schedule(step: int, config: TrainConfig) -> float:
+    """How far up every peak learning rate is at this step, 0..1: a linear warmup over warmup_steps, then
+
+    cosine (GPT-3's schedule, the default): a cosine down to min_lr_ratio at max_steps;
+    wsd (warmup-stable-decay): constant, then a linear decay to min_lr_ratio over the last decay_frac of
+        the steps. A checkpoint from the constant phase can be trained longer (a larger --max_steps on
+        --resume) or cooled down early with a short decay, without starting over.
+    """
     if step < config.warmup_steps:
-        return config.max_lr * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     if step >= config.max_steps:
-        return min_lr
+        return config.min_lr_ratio
+    if config.schedule == "wsd":
+        decay_start = config.max_steps - round(config.decay_frac * config.max_steps)
+        progress = max(0.0, (step - decay_start) / max(1, config.max_steps - decay_start))  # 0 until the decay
+        return 1.0 - progress * (1.0 - config.min_lr_ratio)
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.max_lr - min_lr)
+    return config.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - config.min_lr_ratio)
+
+
+def set_lr(optimizers, factor: float) -> None:
+    """Every param group's learning rate = its peak_lr x the schedule's factor."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1155,7 +1214,7 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizer, loader: TrainLoader, config: TrainConfig,
+def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
                     val_loss, scaler=None) -> Path:
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -1163,7 +1222,7 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizer, loader: Tra
         model=trained if model.lora else model.state_dict(),
         lora=model.lora,
         model_config=asdict(model.config),
-        optimizer=optimizer.state_dict(),
+        optimizers=[optimizer.state_dict() for optimizer in optimizers],
         scaler=scaler.state_dict() if scaler is not None else None,
         step=step,  # optimizer steps completed
         loader=loader.state_dict(),
@@ -1251,14 +1310,13 @@ def flops_per_token(model: GPT, T: int) -> float:
     return 6 * model.num_params() + 12 * c.n_layer * T * c.n_embd
 
 
-def train_step(model, optimizer, next_batch, grad_accum_steps: int, autocast, lr: float, grad_clip: float,
-               scaler, ddp: bool):
-    """One optimizer step over grad_accum_steps micro-batches.
+def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, grad_clip: float, scaler, ddp: bool):
+    """One optimizer step over grad_accum_steps micro-batches, at the learning rates set_lr gave.
 
     Returns (loss, grad_norm, stepped): the mean loss over all micro-batches and ranks, the gradient
     norm before clipping, and whether the update was applied (it is skipped when either is not finite).
     """
-    loss_accum = torch.zeros((), device=optimizer.param_groups[0]["params"][0].device)
+    loss_accum = 0.0
     for micro_step in range(grad_accum_steps):
         x, y = next_batch()
         # DDP would all-reduce the gradients after every backward; only the last micro-step needs it.
@@ -1269,20 +1327,21 @@ def train_step(model, optimizer, next_batch, grad_accum_steps: int, autocast, lr
             # Gradients add up over backward calls; we want the gradient of the MEAN loss over all
             # micro-batches, so each micro-batch's (mean) loss counts 1/grad_accum_steps.
             loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
+            loss_accum = loss_accum + loss.detach()
             scaler.scale(loss).backward()  # with fp16 the loss is scaled up so small gradients survive
     if ddp:
         dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # for the log: the mean over all ranks
-    scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     loss_value, norm_value = torch.stack([loss_accum, grad_norm.float()]).tolist()  # the step's one host sync
     stepped = math.isfinite(loss_value) and math.isfinite(norm_value)
     if stepped or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself and lowers its scale
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
         scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value, stepped
 
 
@@ -1442,11 +1501,12 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
 
     dtype = pick_dtype(config.dtype, device)
     autocast, scaler = mixed_precision(device, dtype)
-    optimizer = configure_optimizer(model, config, device_type)
+    optimizers = configure_optimizers(model, config, device_type)
 
     start_step, val_loss = 0, None
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
         if checkpoint.get("scaler") is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
@@ -1517,9 +1577,11 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                     say(f"sample {i}: {enc.decode(row)!r}")
 
             t0 = time.time()
-            lr = get_lr(step, config)
-            loss, grad_norm, stepped = train_step(train_model, optimizer, train_loader.next_batch, grad_accum_steps,
-                                                  autocast, lr, config.grad_clip, scaler, ddp)
+            lr_factor = lr_schedule(step, config)
+            set_lr(optimizers, lr_factor)
+            lr = config.max_lr * lr_factor  # AdamW's, for the log
+            loss, grad_norm, stepped = train_step(train_model, optimizers, train_loader.next_batch, grad_accum_steps,
+                                                  autocast, config.grad_clip, scaler, ddp)
             dt = time.time() - t0
             step_times = (step_times + [dt])[-20:]
             if stepped:
@@ -1551,7 +1613,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                 dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
             stop_now = bool(stop_now.item()) or step + 1 == config.stop_after_step
             if master and (last_step or stop_now or (step + 1) % config.checkpoint_interval == 0):
-                path = save_checkpoint(log_dir, step + 1, model, optimizer, train_loader, config, val_loss, scaler)
+                path = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config, val_loss, scaler)
                 say(f"saved {path}")
             if stop_now:
                 say(f"stopped after step {step}; continue with --resume")

@@ -88,13 +88,14 @@ def test_lora_trains_only_its_adapters_then_merges_into_a_plain_gpt2(shakespeare
     assert sum(trainable.values()) == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)) == 4096
     assert all(name.endswith(("lora_A", "lora_B")) for name in trainable)
 
-    optimizer = t.configure_optimizer(model, t.TrainConfig(), "cpu")
-    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == 4096  # no state for frozen weights
+    optimizers = t.configure_optimizers(model, t.TrainConfig(max_lr=1e-2), "cpu")
+    t.set_lr(optimizers, 1.0)  # the peak: 1e-2
+    assert sum(p.numel() for group in optimizers[0].param_groups for p in group["params"]) == 4096  # no state for frozen weights
     loader, val = t.TrainLoader(shakespeare_shards, 8, 32, seed=0), t.ValLoader(shakespeare_shards, 8, 32, val_tokens=4096)
     no_autocast, scaler = contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
     val_before, _ = t.evaluate_val_loss(model, val, no_autocast, ddp=False)
     for _ in range(20):
-        t.train_step(model, optimizer, loader.next_batch, 1, no_autocast, 1e-2, 1.0, scaler, ddp=False)
+        t.train_step(model, optimizers, loader.next_batch, 1, no_autocast, 1.0, scaler, ddp=False)
     val_after, _ = t.evaluate_val_loss(model, val, no_autocast, ddp=False)
     assert val_after < val_before - 0.02
     for name, param in model.named_parameters():

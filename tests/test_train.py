@@ -22,21 +22,27 @@ def test_gradient_accumulation_equals_one_big_batch():
         before = [p.detach().clone() for p in model.parameters()]
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # new = old - grad: the update IS the gradient
         batches = iter([(x[i : i + micro_batch], y[i : i + micro_batch]) for i in range(0, 8, micro_batch)])
-        loss, _, stepped = t.train_step(model, optimizer, lambda: next(batches), steps, contextlib.nullcontext(),
-                                        lr=1.0, grad_clip=0.0, scaler=torch.amp.GradScaler("cpu", enabled=False), ddp=False)
+        loss, _, stepped = t.train_step(model, [optimizer], lambda: next(batches), steps, contextlib.nullcontext(),
+                                        grad_clip=0.0, scaler=torch.amp.GradScaler("cpu", enabled=False), ddp=False)
         assert stepped
         grads.append([b - p.detach() for b, p in zip(before, model.parameters())])
     for g1, g2 in zip(*grads):
         assert (g1 - g2).abs().max().item() <= 1e-6
 
 
-def test_learning_rate_schedule():
+def test_learning_rate_schedules():
+    """cosine (the default, GPT-3's) and wsd: warmup, then constant until the last decay_frac of the
+    steps, then a straight line down; both end at min_lr_ratio."""
     c = t.TrainConfig()
-    assert t.get_lr(0, c) == pytest.approx(6e-4 / 715)
-    assert t.get_lr(714, c) == pytest.approx(6e-4)
-    assert t.get_lr(715, c) == pytest.approx(6e-4)
-    assert t.get_lr((715 + 19073) // 2, c) == pytest.approx(3.3e-4, rel=1e-3)  # halfway: the mean of max and min
-    assert t.get_lr(19073, c) == pytest.approx(6e-5)
+    factor = lambda step: t.lr_schedule(step, c)
+    assert factor(0) == pytest.approx(1 / 715) and factor(714) == factor(715) == pytest.approx(1.0)
+    assert factor((715 + 19073) // 2) == pytest.approx(0.55, rel=1e-3)  # halfway: the mean of 1 and 0.1
+    assert factor(19073) == pytest.approx(0.1)
+    c = t.TrainConfig(schedule="wsd", warmup_steps=10, max_steps=100, decay_frac=0.3, min_lr_ratio=0.0)
+    assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # warmup
+    assert {factor(s) for s in range(10, 71)} == {1.0}  # the stable phase: 10 .. 70
+    assert [factor(s) for s in (70, 85, 99, 100)] == pytest.approx([1.0, 0.5, 1 / 30, 0.0])  # the decay: 70 -> 100
+    assert all(factor(s) > factor(s + 1) for s in range(70, 100))
 
 
 def test_command_line_is_the_config_dataclass():
@@ -50,11 +56,13 @@ def test_command_line_is_the_config_dataclass():
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process(shakespeare_shards, shared_data, tmp_path):
-    """Same global batch: 1 process x 4 accumulation steps == 2 gloo processes x 2. HellaSwag is split
-    across the ranks and its counts all-reduced."""
+    """Same global batch: 1 process x 4 accumulation steps == 2 gloo processes x 2, with the fast
+    recipe's Muon (AdamW runs the same way in the LoRA test). HellaSwag is split across the ranks and
+    its counts all-reduced."""
     hellaswag = ["--hellaswag", "--hellaswag_limit", "30", "--hellaswag_data", shared_data / "hellaswag_val.jsonl"]
-    train(shakespeare_shards, tmp_path / "one", "--max_steps", "6", *hellaswag)
-    result = train(shakespeare_shards, tmp_path / "two", "--max_steps", "6", *hellaswag, procs=2)
+    muon = ["--optimizer", "muon", "--schedule", "wsd"]
+    train(shakespeare_shards, tmp_path / "one", "--max_steps", "6", *hellaswag, *muon)
+    result = train(shakespeare_shards, tmp_path / "two", "--max_steps", "6", *hellaswag, *muon, procs=2)
     assert "HellaSwag: 30 examples" in result.stdout and "split across 2 rank(s)" in result.stdout
     assert read_log(tmp_path / "one", "hella") == read_log(tmp_path / "two", "hella") != {}
     for stream in ("train", "val"):
@@ -65,21 +73,23 @@ def test_ddp_on_two_cpu_processes_matches_one_process(shakespeare_shards, shared
     assert read_log(tmp_path / "one", "train")[5] < read_log(tmp_path / "one", "train")[0]
 
 
-def test_resume_is_bitwise_exact(shakespeare_shards, tmp_path):
+@pytest.mark.parametrize("recipe", [[], ["--optimizer", "muon", "--schedule", "wsd", "--decay_frac", "0.5"]],
+                         ids=["adamw-cosine", "muon-wsd"])
+def test_resume_is_bitwise_exact(shakespeare_shards, tmp_path, recipe):
     n = 24
-    train(shakespeare_shards, tmp_path / "straight", "--max_steps", n)
+    train(shakespeare_shards, tmp_path / "straight", "--max_steps", n, *recipe)
     straight = read_log(tmp_path / "straight", "train")
     assert len(straight) == n
 
     # Half, stop (as if preempted), resume the other half.
-    train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--stop_after_step", n // 2)
+    train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--stop_after_step", n // 2, *recipe)
     assert sorted(p.name for p in (tmp_path / "halves").glob("ckpt_*.pt")) == [f"ckpt_{n // 2:06d}.pt"]
-    train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--resume")
+    train(shakespeare_shards, tmp_path / "halves", "--max_steps", n, "--resume", *recipe)
     assert read_log(tmp_path / "halves", "train") == straight  # logged to 9 digits: bitwise the same float32s
 
     # The checkpoint loads with weights_only=True and carries everything a resume needs.
     checkpoint = t.load_checkpoint(tmp_path / "halves" / f"ckpt_{n:06d}.pt")
-    assert {"model", "optimizer", "step", "loader", "rng", "config", "val_loss"} <= checkpoint.keys()
+    assert {"model", "optimizers", "step", "loader", "rng", "config", "val_loss"} <= checkpoint.keys()
     assert checkpoint["step"] == n and checkpoint["loader"]["windows_taken"] > 0
 
 
@@ -164,3 +174,23 @@ def test_quick_start_preset_end_to_end(tmp_path):
     assert set(val) == {0, 4, 7} and val[7] < val[0] - 0.5
     assert result.stdout.count("sample 0: 'ROMEO:") == 2
     assert (tmp_path / "log" / "ckpt_000008.pt").exists() and (tmp_path / "log" / "train_config.json").exists()
+
+
+def test_muon_trains_exactly_the_block_matrices():
+    """--optimizer muon: torch.optim.Muon gets the four weight matrices of every block, AdamW the rest
+    (the tied token embedding/classifier, the position embeddings, every bias and LayerNorm)."""
+    model = t.GPT(t.GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32))
+    adamw, muon = t.configure_optimizers(model, t.TrainConfig(optimizer="muon"), "cpu")
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    adamw_names = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert muon_names == {f"transformer.h.{i}.{m}.weight" for i in range(3) for m in t.LORA_TARGETS}
+    assert adamw_names == set(names.values()) - muon_names
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"} <= adamw_names
+    assert muon.param_groups[0]["lr"] == 0.02 and adamw.param_groups[0]["lr"] == 6e-4
+    # AdamW alone (the default) has every parameter; weight decay on the matrices and embeddings only.
+    (adamw,) = t.configure_optimizers(model, t.TrainConfig(), "cpu")
+    decayed = {names[id(p)] for group in adamw.param_groups if group["weight_decay"] for p in group["params"]}
+    assert decayed == {name for name, p in model.named_parameters() if p.dim() == 2}
+    assert all(group["weight_decay"] == 0 for group in adamw.param_groups if not {names[id(p)] for p in group["params"]} & decayed)
