@@ -25,7 +25,10 @@ from torch.nn import functional as F
 from train_gpt2 import (
     GPT,
     GPTConfig,
+    ArgumentParser,
     TrainConfig,
+    UserError,
+    check_writable,
     configure_optimizers,
     flops_per_token,
     mixed_precision,
@@ -182,15 +185,15 @@ def free_memory(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=SIZES, default="124M")
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=16, help="micro-batch B of the training step")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    p.add_argument("--compile", default="auto", help="auto (on for CUDA) | on | off")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on for CUDA")
     p.add_argument("--vocab_pad_multiple", type=int, default=64)
     p.add_argument("--sample_batch", type=int, default=4)
     p.add_argument("--sample_tokens", type=int, default=128)
@@ -201,6 +204,16 @@ def main(argv=None):
     p.add_argument("--peak_flops", type=float, default=0.0)
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
+    for name in ("block_size", "batch_size", "steps", "vocab_pad_multiple", "sample_batch", "sample_tokens", "hellaswag_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1")
+    if args.warmup < 0 or args.hellaswag_limit < 0:
+        raise UserError("--warmup and --hellaswag_limit must be 0 or more")
+    unknown = set(filter(None, args.skip.split(","))) - {"train", "sample", "hellaswag"}
+    if unknown:
+        raise UserError(f"--skip {args.skip}: {', '.join(sorted(unknown))} is not a part (train, sample, hellaswag)")
+    if args.json:
+        check_writable(args.json, "--json")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     args.compile = "on" if args.compile == "on" or (args.compile == "auto" and device.startswith("cuda")) else "off"

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import DATA_DIR, EOT_TOKEN, UserError, get_tokenizer, run_main
+from train_gpt2 import DATA_DIR, EOT_TOKEN, ArgumentParser, UserError, get_tokenizer, run_main
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB of uint16, 100 shards for FineWeb-Edu 10B
 BATCH_CHARS = 1 << 18  # text per task sent to a worker: big enough to hide the IPC, small enough to balance
@@ -134,8 +134,12 @@ def _read_file(path: Path, text_field: str):
         if text:  # an empty file is no document, not an empty one
             yield text
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
+            for line_number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from e
                 if not line.strip():
                     continue
                 try:
@@ -146,7 +150,10 @@ def _read_file(path: Path, text_field: str):
     else:
         import pyarrow.parquet  # comes with `datasets`; only needed for parquet inputs
 
-        parquet = pyarrow.parquet.ParquetFile(path)
+        try:
+            parquet = pyarrow.parquet.ParquetFile(path)
+        except Exception as e:  # pyarrow's ArrowInvalid and friends: not a parquet file, or a damaged one
+            raise UserError(f"{path} is not a readable parquet file ({e})") from e
         if text_field not in parquet.schema_arrow.names:
             fields = ", ".join(parquet.schema_arrow.names)
             raise UserError(f"{path}: no field {text_field!r} in the records (fields: {fields}); pick one with --text_field")
@@ -177,9 +184,11 @@ def _text_of(record, text_field: str, where: str) -> str:
 
 
 def init_worker():
-    """Runs once in each worker: Ctrl-C is the main process's to handle, and the tokenizer is built
-    here (get_tokenizer is cached), not on the first batch."""
+    """Runs once in each worker: Ctrl-C and SIGTERM are the main process's to handle (it stops the
+    workers itself, quietly), and the tokenizer is built here (get_tokenizer is cached), not on the
+    first batch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     get_tokenizer()
 
 
@@ -482,7 +491,7 @@ def default_num_proc() -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=[*HUB_SOURCES, "shakespeare"], default=None,
                         help="a FineWeb sample on the hub (default edu10B), or the vendored Tiny Shakespeare")
     parser.add_argument("--input", nargs="+", metavar="PATH",
@@ -501,8 +510,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_shards(args: argparse.Namespace) -> Path:
     """Run what the command line asks for; return the folder of shards."""
-    if args.num_proc < 1 or (args.max_docs is not None and args.max_docs < 1):
-        raise UserError("--num_proc and --max_docs must be at least 1")
+    for name in ("num_proc", "max_docs", "shard_size", "val_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1")
     if args.input and (args.source or args.streaming):
         raise UserError("--source and --streaming are for hub datasets; --input reads local files")
     if args.source == "shakespeare":
@@ -532,12 +542,19 @@ def make_shards(args: argparse.Namespace) -> Path:
     return out_dir
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a `kill` (or a preemption) stops the run as Ctrl-C does, workers and all
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         out_dir = make_shards(args)
     except KeyboardInterrupt:
         raise UserError("interrupted; run the same command again to continue after the last finished shard") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     preset = args.source == "shakespeare" and args.out_dir is None
     print(f"train on them: python train_gpt2.py {'--preset shakespeare' if preset else f'--data_dir {out_dir}'}")
 

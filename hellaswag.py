@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from train_gpt2 import EOT_TOKEN, UserError, get_tokenizer, load_model, run_main, setup_distributed
+from train_gpt2 import EOT_TOKEN, ArgumentParser, UserError, check_writable, get_tokenizer, load_model, run_main, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The data
@@ -151,10 +151,14 @@ def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagExample]:
     if not path.is_file():
         raise UserError(f"HellaSwag data file {path} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
+        for line_number, raw in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from e
             if line.strip():  # tolerate blank lines (a trailing newline, a hand-edited file)
                 examples.append(render_example(*parse_line(line, where=f"{path} line {line_number}")))
     if not examples:
@@ -320,7 +324,7 @@ AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (completion style).")
+    parser = ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (completion style).")
     parser.add_argument("--model", required=True, help="gpt2 | gpt2-medium | ... | checkpoint.pt | run folder | HF dir")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps, ...")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
@@ -372,6 +376,8 @@ def main(argv=None) -> None:
 
 
 def evaluate(args, rank: int, world_size: int, device: str) -> None:
+    if rank == 0 and args.json:
+        check_writable(args.json, "--json")  # now, not after the evaluation
     # Rank 0 downloads (if it must) while the others wait, so they never race to write the same file.
     if rank == 0:
         data_path = find_hellaswag_data(args.data)

@@ -21,6 +21,7 @@ The story, in the order it is told below:
 import argparse
 import base64
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -28,7 +29,9 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +43,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:
+    import fcntl  # run-folder locks (section 11)
+except ImportError:  # Windows: runs go unlocked
+    fcntl = None
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -58,6 +66,17 @@ def run_main(main) -> None:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+
+
+def check_writable(path, flag: str) -> None:
+    """Fail now, not after an hour of work, if a result cannot be written to `path`."""
+    folder = Path(path).expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from e
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -709,7 +728,15 @@ CHECKPOINT_GLOB = "ckpt_*.pt"  # run_dir/ckpt_000250.pt, ckpt_000500.pt, ...
 
 
 def pick_device(requested: str = "auto") -> str:
-    """'auto' picks cuda > mps > cpu."""
+    """'auto' picks cuda > mps > cpu; a device asked for by name must exist here."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", requested):
+        raise UserError(f"--device {requested} is not a device: use auto, cpu, mps, cuda or cuda:N")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA GPU is visible here (try --device auto)")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple's MPS backend is not available here (try --device auto)")
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -810,9 +837,11 @@ def load_model(init_from: str, device: str = "cpu") -> GPT:
 #  - memory-maps the shards: the OS pages in what is read, and no rank ever holds a whole shard;
 #  - shuffles every epoch, from one seed that all ranks share: the shard order, then the window order
 #    inside each shard (a fixed order shows as a periodic pattern in the loss);
-#  - deals the epoch's windows round-robin to the ranks, so ranks never read the same data and
-#    together read every full window (only a shard's tail shorter than one window is skipped);
-#  - can say where it is (state_dict) so that a resumed run sees exactly the batches it would have.
+#  - reads the epochs one after the other as one stream of windows and deals it round-robin to the
+#    ranks: ranks never read the same data, together they read every full window (only a shard's tail
+#    shorter than one window is skipped), and the stream is the same for any number of GPUs;
+#  - can say where it is (state_dict) so that a resumed run sees exactly the batches it would have,
+#    on the same number of GPUs or another.
 
 
 def find_shards(data_dir, split: str) -> list[Path]:
@@ -826,7 +855,14 @@ def find_shards(data_dir, split: str) -> list[Path]:
 
 
 def open_shard(path: Path):
-    tokens = np.load(path, mmap_mode="r")  # memory-mapped: nothing is read until it is used
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":  # every .npy file starts with these bytes
+        raise UserError(f"{path} is {'empty' if not magic else 'not a .npy file'}: make the shards again with fineweb.py")
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: nothing is read until used
+    except (OSError, ValueError, EOFError) as e:  # a header that promises more than the file holds
+        raise UserError(f"{path} is truncated or damaged ({e}): make the shards again with fineweb.py") from e
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"{path} is not a shard of GPT-2 tokens (expected 1-D uint16, got {tokens.ndim}-D {tokens.dtype})")
     return tokens
@@ -848,7 +884,8 @@ class TrainLoader:
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.seed, self.vocab_size, self.device = seed, vocab_size, device
         paths = find_shards(data_dir, "train")
-        self.shards = [open_shard(p) for p in paths]
+        self.data_dir, self.shards = data_dir, [open_shard(p) for p in paths]
+        self.shard_list = [[p.name, len(s)] for p, s in zip(paths, self.shards)]  # what a resume must find again
         window = B * T
         # Full windows per shard: the last window needs one more token for its final target.
         self.windows_per_shard = [(len(s) - 1) // window for s in self.shards]
@@ -856,43 +893,47 @@ class TrainLoader:
         too_small = [p.name for p, n in zip(paths, self.windows_per_shard) if n == 0]
         if too_small and rank == 0:
             print(f"note: skipping train shards shorter than one batch ({window + 1:,} tokens): {', '.join(too_small)}")
-        if self.windows_per_epoch < world_size:
+        if self.windows_per_epoch == 0:
             raise UserError(
                 f"the train shards in {data_dir}/ hold {sum(len(s) for s in self.shards):,} tokens, fewer than one "
-                f"batch per rank ({world_size} x B*T+1 = {world_size} x {window + 1:,}): lower --micro_batch_size "
-                "or --block_size, or make bigger shards"
+                f"batch (B*T+1 = {window + 1:,}): lower --micro_batch_size or --block_size, or make bigger shards"
             )
-        self.batches_per_epoch = self.windows_per_epoch // world_size  # per rank; the rest (< 1 per rank) is skipped
-        self.epoch, self.position = 0, 0  # position: batches this rank has taken in this epoch
-        self._order = self._epoch_order(0)
+        self.windows_taken = 0  # by all ranks together; this rank's next window is windows_taken + rank
+        self._orders = {}  # epoch -> its order, for the (at most two) epochs in use
+
+    @property
+    def epoch(self) -> int:
+        return self.windows_taken // self.windows_per_epoch
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """Every (shard, start) window of the epoch, in this epoch's shuffled order. Same on every rank."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = []
-        for shard in rng.permutation(len(self.shards)):
-            starts = rng.permutation(self.windows_per_shard[shard]) * (self.B * self.T)
-            order.append(np.stack([np.full_like(starts, shard), starts], axis=1))
-        return np.concatenate(order)
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = []
+            for shard in rng.permutation(len(self.shards)):
+                starts = rng.permutation(self.windows_per_shard[shard]) * (self.B * self.T)
+                order.append(np.stack([np.full_like(starts, shard), starts], axis=1))
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.concatenate(order)
+        return self._orders[epoch]
 
     def next_batch(self):
-        if self.position == self.batches_per_epoch:  # epoch done: reshuffle
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order(self.epoch)
-        shard, start = self._order[self.position * self.world_size + self.rank]  # round-robin over ranks
-        self.position += 1
+        epoch, i = divmod(self.windows_taken + self.rank, self.windows_per_epoch)  # round-robin over ranks
+        shard, start = self._epoch_order(epoch)[i]
+        self.windows_taken += self.world_size
         window = self.shards[shard][start : start + self.B * self.T + 1]
         if window.max() >= self.vocab_size:
             raise UserError(
-                f"token id {int(window.max())} in train shard {shard} is >= the model's vocab_size {self.vocab_size}: "
-                "were these shards made with another tokenizer?"
+                f"token id {int(window.max())} in train shard {self.shard_list[shard][0]} is >= the model's vocab_size "
+                f"{self.vocab_size}: were these shards made with another tokenizer?"
             )
         return to_device(window, self.B, self.T, self.device)
 
     def state_dict(self) -> dict:
         # Counted in windows of the whole job, so a run resumed on another number of GPUs carries on
-        # at the same point of the epoch.
-        return dict(seed=self.seed, epoch=self.epoch, windows_taken=self.position * self.world_size, B=self.B, T=self.T)
+        # at the same point of the stream.
+        return dict(seed=self.seed, epoch=self.epoch, windows_taken=self.windows_taken, B=self.B, T=self.T,
+                    shards=self.shard_list)
 
     def load_state_dict(self, state: dict) -> None:
         if (state["B"], state["T"], state["seed"]) != (self.B, self.T, self.seed):
@@ -900,8 +941,17 @@ class TrainLoader:
                 f"the checkpoint's data loader used B={state['B']}, T={state['T']}, seed={state['seed']}; "
                 f"this run uses B={self.B}, T={self.T}, seed={self.seed}: resume with the same settings"
             )
-        self.epoch, self.position = state["epoch"], state["windows_taken"] // self.world_size
-        self._order = self._epoch_order(self.epoch)
+        saved = state.get("shards")
+        if saved is not None and [list(s) for s in saved] != self.shard_list:
+            raise UserError(
+                f"the train shards in {self.data_dir}/ are not those of the saved run ({len(saved)} shards, "
+                f"{sum(n for _, n in saved):,} tokens then; {len(self.shard_list)} shards, "
+                f"{sum(n for _, n in self.shard_list):,} tokens now): resume with the run's own --data_dir"
+            )
+        if saved is None:  # a checkpoint of an earlier version counted windows within its epoch
+            self.windows_taken = state["epoch"] * self.windows_per_epoch + state["windows_taken"]
+        else:
+            self.windows_taken = state["windows_taken"]
 
 
 class ValLoader:
@@ -911,13 +961,21 @@ class ValLoader:
     sums its token losses, and an all-reduce of (loss sum, token count) gives the mean over them all.
     """
 
-    def __init__(self, data_dir, B: int, T: int, val_tokens: int, rank=0, world_size=1, device="cpu"):
+    def __init__(self, data_dir, B: int, T: int, val_tokens: int, rank=0, world_size=1, device="cpu",
+                 vocab_size=50257):
         self.B, self.T, self.device = B, T, device
-        self.shards = [open_shard(p) for p in find_shards(data_dir, "val")]
+        paths = find_shards(data_dir, "val")
+        self.shards = [open_shard(p) for p in paths]
         starts = [(i, s * T) for i, shard in enumerate(self.shards) for s in range((len(shard) - 1) // T)]
         if not starts:
             raise UserError(f"the val shards in {data_dir}/ hold fewer than block_size+1 = {T + 1} tokens")
         self.num_sequences = min(len(starts), max(1, val_tokens // T))
+        # The val set is small: check all of it now, as the train loader checks each batch.
+        for i, shard in enumerate(self.shards):
+            used = [a for s, a in starts[: self.num_sequences] if s == i]
+            if used and (top := int(shard[: max(used) + T + 1].max())) >= vocab_size:
+                raise UserError(f"token id {top} in val shard {paths[i]} is >= the model's vocab_size {vocab_size}: "
+                                "were these shards made with another tokenizer?")
         self.total_tokens = self.num_sequences * T  # evaluated by all ranks together
         self.starts = starts[rank : self.num_sequences : world_size]  # this rank's sequences
 
@@ -1098,8 +1156,7 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
         value, rule = getattr(config, f.name), f.metadata["rule"]
         if rule and not RULES[rule][0](value):
             raise UserError(f"--{f.name} {value} {RULES[rule][1]}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.device):
-        raise UserError(f"--device {config.device} is not a device: use auto, cpu, mps, cuda or cuda:N")
+    pick_device(config.device)  # a device that does not exist here
     if config.n_embd % config.n_head:
         raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
     lora_flags = sorted(explicit & {"lora_alpha", "lora_targets", "lora_also_train"})
@@ -1189,33 +1246,49 @@ def set_lr(optimizers, factor: float) -> None:
 # 10. Checkpoints
 #
 # Everything needed to continue as if never stopped: weights, optimizer moments, step, the loader's
-# position, and every random state. Written to a temp file then renamed, so a kill during a save
-# leaves the previous checkpoint intact; only the newest few are kept. Loaded with weights_only=True.
+# position, and every random state. Written to a temp file, flushed to disk, then renamed: a kill or a
+# full disk during a save leaves the previous checkpoint intact, and only the newest few are kept.
+# Only weights that produced a finite step are saved. Loaded with weights_only=True.
 
 
-def rng_states() -> dict:
+def rng_states(device: str) -> dict:
     np_state = np.random.get_state(legacy=False)
     return dict(
         python=random.getstate(),
         numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)), pos=np_state["state"]["pos"],
                    has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
         torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This GPU's generator only: training draws no random numbers on the GPU (no dropout; samples
+        # have their own generator), so every rank restores rank 0's, on any number of GPUs.
+        cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
     )
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device: str) -> None:
     random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
     n = states["numpy"]
     np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
                              has_gauss=n["has_gauss"], gauss=n["gauss"]))
     torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if isinstance(cuda, list):  # checkpoints of earlier versions saved every visible GPU's
+        cuda = cuda[0] if cuda else None
+    if device.startswith("cuda") and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in this folder durable (POSIX: the folder's entry is data too)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
-                    val_loss, scaler=None) -> Path:
+                    val_loss, scaler, device: str) -> Path:
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     checkpoint = dict(
@@ -1223,20 +1296,42 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: Tr
         lora=model.lora,
         model_config=asdict(model.config),
         optimizers=[optimizer.state_dict() for optimizer in optimizers],
-        scaler=scaler.state_dict() if scaler is not None else None,
+        scaler=scaler.state_dict() if scaler.is_enabled() else None,
         step=step,  # optimizer steps completed
         loader=loader.state_dict(),
-        rng=rng_states(),
+        rng=rng_states(device),
         config=asdict(config),
         val_loss=val_loss,
     )
     path = log_dir / f"ckpt_{step:06d}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
+        os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
+        fsync_dir(log_dir)  # and the new name is on disk before an older checkpoint is deleted
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        previous = find_latest_checkpoint(log_dir)
+        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+        raise UserError(f"could not write checkpoint {path}: {reason}. Nothing was lost: free space (or fix the "
+                        f"folder), then add --resume to continue from {previous or 'the start'}") from e
     for old in sorted(log_dir.glob(CHECKPOINT_GLOB))[: -config.keep_checkpoints]:
         old.unlink()
     return path
+
+
+def newest_readable_checkpoint(log_dir: Path, say=print) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of a run folder that loads, and its contents. One that does not (a disk
+    that failed, a copy cut short) is named, and the one before it is used."""
+    for path in sorted(log_dir.glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            say(f"warning: {e}; trying the checkpoint before it")
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1278,7 +1373,8 @@ def mixed_precision(device: str, dtype: torch.dtype):
     return autocast, scaler
 
 
-# Dense bf16/fp16 tensor-core peak FLOP/s from the datasheets, matched against the device name in order.
+# Dense bf16/fp16 tensor-core peak FLOP/s from the datasheets. A GPU matches when every word of the key is
+# a word of its name, most specific first: "NVIDIA L40" is not an "L4", "NVIDIA H100 PCIe" not an SXM H100.
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -1287,6 +1383,7 @@ PEAK_FLOPS = [
     ("GH200", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
@@ -1295,13 +1392,18 @@ PEAK_FLOPS = [
 ]
 
 
+def gpu_peak_flops(name: str) -> float | None:
+    """The peak of a GPU by its name (torch.cuda.get_device_name), or None if it is not in PEAK_FLOPS."""
+    words = set(re.split(r"[\s_-]+", name.upper()))
+    return next((flops for key, flops in PEAK_FLOPS if set(key.upper().split()) <= words), None)
+
+
 def peak_flops_for(device: str, dtype: torch.dtype) -> float | None:
     """The accelerator's peak for MFU, or None where we don't know it (CPU, fp32, unknown GPUs):
     better no MFU than a wrong one."""
     if not device.startswith("cuda") or dtype == torch.float32:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+    return gpu_peak_flops(torch.cuda.get_device_name(device))
 
 
 def flops_per_token(model: GPT, T: int) -> float:
@@ -1408,25 +1510,87 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def prepare_run_dir(config: TrainConfig, master: bool) -> Path | None:
-    """Create log_dir; return the checkpoint to resume from, if any. Never silently mixes two runs."""
+class RunLock:
+    """One run at a time in a run folder: an exclusive lock on log_dir/.lock, held while the run lives.
+    The OS lets go of it when the process ends, however it ends (kill -9 included), so a crashed run
+    never leaves its folder locked. (flock: Linux and macOS.)"""
+
+    def __init__(self, log_dir: Path):
+        self.file = open(log_dir / ".lock", "a+")
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{log_dir}/ is in use by another run ({owner}): wait for it to end, stop it, or "
+                            "choose another --log_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        self.file.close()
+
+
+def open_run_dir(config: TrainConfig, master: bool, say) -> tuple[RunLock | None, Path | None, dict | None]:
+    """Create and lock log_dir (rank 0); return (lock, the checkpoint to resume from, its contents).
+
+    Never mixes two runs: a folder that holds a run needs --resume or --overwrite. Deletes nothing:
+    --overwrite's deleting happens only once every setting has been checked (clear_earlier_run)."""
     log_dir = Path(config.log_dir)
-    latest = find_latest_checkpoint(log_dir) if log_dir.is_dir() else None
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--log_dir {log_dir} cannot be created: {e.strerror}") from e
+    lock = RunLock(log_dir) if master else None
+    if master:
+        for stale in log_dir.glob("ckpt_*.pt.tmp"):  # a save cut short by a kill or a full disk
+            stale.unlink()
     if config.resume:
-        if latest is None and master:
-            print(f"--resume: no checkpoint in {log_dir}/, starting a new run")
-        return latest
-    earlier = [latest] if latest else []
-    earlier += [p for p in (log_dir / "log.txt",) if p.exists()]
+        path, checkpoint = newest_readable_checkpoint(log_dir, say)
+        if path is None:
+            say(f"--resume: no checkpoint in {log_dir}/, starting a new run")
+        return lock, path, checkpoint
+    earlier = sorted(log_dir.glob(CHECKPOINT_GLOB))[-1:] + [p for p in (log_dir / "log.txt",) if p.exists()]
     if earlier and not config.overwrite:
+        if lock:
+            lock.release()
         raise UserError(
             f"{log_dir}/ already holds a run ({earlier[0].name}): add --resume to continue it, --overwrite to "
             "start over, or choose another --log_dir"
         )
-    if earlier and master:
-        for p in list(log_dir.glob(CHECKPOINT_GLOB)) + [log_dir / "log.txt"]:
-            p.unlink(missing_ok=True)
-    return None
+    return lock, None, None
+
+
+def clear_earlier_run(log_dir: Path) -> None:
+    """--overwrite, once everything else is known to be fine: the earlier run's log and checkpoints go."""
+    for path in list(log_dir.glob(CHECKPOINT_GLOB)) + list(log_dir.glob("ckpt_*.pt.nonfinite")) + [log_dir / "log.txt"]:
+        path.unlink(missing_ok=True)
+
+
+# What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
+# Everything else may change on --resume (learning rates, max_steps, intervals, ...) and is applied.
+FIXED_ON_RESUME = ("init_from", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple", "lora_rank",
+                   "lora_alpha", "lora_targets", "lora_also_train", "total_batch_size", "micro_batch_size",
+                   "data_seed", "optimizer")
+
+
+def compare_with_saved_run(config: TrainConfig, saved: dict, say) -> None:
+    """Refuse a change --resume cannot honour; print the ones it applies."""
+    ignored = ("resume", "overwrite", "stop_after_step")
+    changed = {k: (saved[k], v) for k, v in asdict(config).items() if k in saved and saved[k] != v and k not in ignored}
+    for name in FIXED_ON_RESUME:
+        if name in changed:
+            before, now = changed[name]
+            raise UserError(f"--{name} was {before!r} in the saved run and cannot change on --resume (now {now!r}): "
+                            "drop the flag, or start a new run in another --log_dir")
+    if changed:
+        say("resume: applying settings changed since the saved run: " +
+            ", ".join(f"--{k} {before!r} -> {now!r}" for k, (before, now) in changed.items()))
 
 
 def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
@@ -1453,8 +1617,18 @@ def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
 def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
     master = rank == 0  # only rank 0 prints, logs and writes checkpoints
     say = print if master else (lambda *a, **k: None)
-    device_type = device.split(":")[0]
     say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
+    lock, resume_from, checkpoint = open_run_dir(config, master, say)
+    try:
+        run(config, ddp, rank, local_rank, world_size, device, resume_from, checkpoint, say)
+    finally:
+        if lock:
+            lock.release()
+
+
+def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str,
+        resume_from: Path | None, checkpoint: dict | None, say) -> None:
+    master, device_type, log_dir = rank == 0, device.split(":")[0], Path(config.log_dir)
 
     # The batch: total_batch_size tokens per optimizer step, made of micro-batches of B sequences of
     # T tokens on each of world_size ranks, accumulated grad_accum_steps times.
@@ -1468,13 +1642,11 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     grad_accum_steps = config.total_batch_size // tokens_per_micro_step
     say(f"total batch {config.total_batch_size:,} tokens = {B} x {T} x {world_size} GPUs x {grad_accum_steps} accumulation steps")
 
-    log_dir = Path(config.log_dir)
-    resume_from = prepare_run_dir(config, master)
-    checkpoint = load_checkpoint(resume_from) if resume_from else None
     if checkpoint is not None:
         say(f"resuming from {resume_from} (step {checkpoint['step']})")
+        compare_with_saved_run(config, checkpoint["config"], say)
         if checkpoint["step"] >= config.max_steps:
-            say(f"that run already finished its {config.max_steps} steps: nothing to do")
+            say(f"that run already finished its {config.max_steps} steps: nothing to do (a larger --max_steps trains on)")
             return
 
     # Data. The quick-start corpus is small enough to prepare on the spot.
@@ -1495,8 +1667,9 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"LoRA: rank {model.lora['rank']}, alpha {model.lora['alpha']} on {','.join(model.lora['targets'])}: "
             f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
-    train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, model.config.vocab_size, device)
-    val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device)
+    vocab_size = model.config.vocab_size
+    train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, vocab_size, device)
+    val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device, vocab_size)
     say(f"data: {train_loader.windows_per_epoch * B * T:,} train tokens per epoch; {val_loader.total_tokens:,} val tokens per eval")
 
     dtype = pick_dtype(config.dtype, device)
@@ -1505,12 +1678,16 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
 
     start_step, val_loss = 0, None
     if checkpoint is not None:
-        for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
+        states = checkpoint.get("optimizers") or [checkpoint["optimizer"]]  # (earlier versions: one optimizer)
+        for optimizer, state in zip(optimizers, states, strict=True):
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state)  # the moments, and the saved run's settings ...
+            for group, setting_now in zip(optimizer.param_groups, settings):
+                group.update(setting_now)  # ... which give way to this run's (the changes were printed above)
         if checkpoint.get("scaler") is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_states(checkpoint["rng"])
+        set_rng_states(checkpoint["rng"], device)
         start_step, val_loss = checkpoint["step"], checkpoint["val_loss"]
         del checkpoint
 
@@ -1533,9 +1710,12 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         hellaswag_examples = hellaswag.load_hellaswag(data_path, config.hellaswag_limit or None)
         say(f"HellaSwag: {len(hellaswag_examples):,} examples from {data_path}, split across {world_size} rank(s)")
 
+    # Every setting, the data, the model and the checkpoint are known to be good: only now may an
+    # earlier run's files go (--overwrite), and a new log start.
+    if master and config.overwrite and resume_from is None:
+        clear_earlier_run(log_dir)
     peak_flops = config.peak_flops or peak_flops_for(device, dtype)
     flops_per_step = flops_per_token(model, T) * config.total_batch_size
-    log_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(log_dir / "log.txt", "a") if master else None  # appended: a resumed run continues it
 
     def log(step, stream, value):
@@ -1548,6 +1728,11 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     stop = StopRequest()
     enc = get_tokenizer()
     bad_steps, step_times = 0, []
+    # A checkpoint is "good" once the step after it was finite. The newest one may not be yet: the
+    # update before it may have been the one that broke the weights.
+    unconfirmed = resume_from
+    earlier = [p for p in sorted(log_dir.glob(CHECKPOINT_GLOB)) if p != resume_from and (not resume_from or p < resume_from)]
+    last_good = earlier[-1] if earlier else None
     try:
         for step in range(start_step, config.max_steps):
             last_step = step == config.max_steps - 1
@@ -1569,10 +1754,10 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
 
             if master and config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
                 prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
-                new_tokens = min(config.sample_tokens, model.config.block_size - prompt.size(1))
                 generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
                 with autocast:
-                    samples = model.generate(prompt, new_tokens, top_k=50, generator=generator)
+                    samples = model.generate(prompt, config.sample_tokens, top_k=50, generator=generator,
+                                             compile_step=use_compile)
                 for i, row in enumerate(samples.tolist()):
                     say(f"sample {i}: {enc.decode(row)!r}")
 
@@ -1584,18 +1769,20 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                                                   autocast, config.grad_clip, scaler, ddp)
             dt = time.time() - t0
             step_times = (step_times + [dt])[-20:]
-            if stepped:
+            if not stepped:
+                log(step, "skipped", "nonfinite")
+            # fp16's gradient scaler overflows now and then by design (it then skips the update and lowers
+            # its scale); a non-finite loss, or non-finite gradients without a scaler, are a real problem.
+            if math.isfinite(loss) and (stepped or scaler.is_enabled()):
                 bad_steps = 0
+                last_good, unconfirmed = (unconfirmed or last_good), None
+                if not stepped:
+                    say(f"step {step:5d} | fp16 gradients overflowed: update skipped, loss scale lowered to {scaler.get_scale():g}")
             else:
                 bad_steps += 1
-                log(step, "skipped", "nonfinite")
                 say(f"step {step:5d} | non-finite loss {loss} or grad norm {grad_norm}: update skipped ({bad_steps} in a row)")
                 if bad_steps >= config.max_bad_steps:
-                    last_good = find_latest_checkpoint(log_dir)
-                    raise UserError(
-                        f"{bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: "
-                        f"{last_good or 'none'}. Try a lower --max_lr, --dtype bfloat16/float32, or --resume from it"
-                    )
+                    stop_on_bad_steps(bad_steps, step, last_good, unconfirmed, master)
 
             tokens_per_sec = config.total_batch_size / dt
             typical_dt = sorted(step_times[1:] or step_times)[len(step_times[1:] or step_times) // 2]  # median, skipping compile
@@ -1613,8 +1800,12 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                 dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
             stop_now = bool(stop_now.item()) or step + 1 == config.stop_after_step
             if master and (last_step or stop_now or (step + 1) % config.checkpoint_interval == 0):
-                path = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config, val_loss, scaler)
-                say(f"saved {path}")
+                if bad_steps:  # weights that gave a non-finite step are never saved (nor rotate good ones out)
+                    say(f"no checkpoint after step {step}: its loss was not finite (last good: {last_good or 'none'})")
+                else:
+                    path = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config, val_loss, scaler, device)
+                    unconfirmed = path
+                    say(f"saved {path}")
             if stop_now:
                 say(f"stopped after step {step}; continue with --resume")
                 break
@@ -1622,6 +1813,22 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         stop.restore()
         if log_file is not None:
             log_file.close()
+
+
+def stop_on_bad_steps(bad_steps: int, step: int, last_good: Path | None, unconfirmed: Path | None, master: bool):
+    """max_bad_steps non-finite steps in a row: end the run, pointing at a checkpoint that trains on. The
+    one saved just before the streak (unconfirmed) led straight into it: it is renamed aside, so that
+    --resume starts from the last good one."""
+    note = ""
+    if unconfirmed is not None:
+        aside = unconfirmed.with_name(unconfirmed.name + ".nonfinite")
+        if master:
+            os.replace(unconfirmed, aside)
+        note = f" ({unconfirmed.name}, saved just before, led straight into them: renamed {aside.name})"
+    raise UserError(
+        f"{bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: {last_good or 'none'}"
+        f"{note}. Try a lower --max_lr (or --dtype bfloat16/float32) with --resume, which starts from it"
+    )
 
 
 def main(argv=None):

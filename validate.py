@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from train_gpt2 import CONV1D_WEIGHTS, GPT, get_tokenizer, load_model, pick_device, run_main
+from train_gpt2 import CONV1D_WEIGHTS, GPT, ArgumentParser, UserError, get_tokenizer, load_model, pick_device, run_main
 
 PROMPTS = [
     "Hello, I'm a language model,",
@@ -88,12 +88,16 @@ def validate(model: GPT, hf_model, device="cpu", max_new_tokens=32, tolerance=1e
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="gpt2|gpt2-medium|gpt2-large|gpt2-xl, a Hugging Face dir, a checkpoint .pt or a run folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| (float32)")
     args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
+    if not args.tolerance >= 0:  # also refuses nan
+        raise UserError(f"--tolerance {args.tolerance} must be a number, 0 or more")
     from transformers import GPT2LMHeadModel
 
     device = pick_device(args.device)

@@ -143,6 +143,10 @@ def test_interrupted_and_killed_runs_resume_to_the_same_bytes(legal_run, legal_p
     finished = len(json.loads((out_dir / "meta.json").read_text())["shards"])
     assert 2 <= finished < 17, "the run finished before the interrupt; the test proves nothing"
 
+    # SIGTERM (a `kill`, a preemption): the same, workers included; no traceback from any of them.
+    assert_one_line_error(stop_when(args, out_dir / "local_train_000005.npy", signal.SIGTERM), "interrupted")
+    assert len(json.loads((out_dir / "meta.json").read_text())["shards"]) < 17
+
     # SIGKILL: no cleanup, no chance to finish the shard being filled.
     stop_when(args, out_dir / "local_train_000008.npy", signal.SIGKILL)
     meta = json.loads((out_dir / "meta.json").read_text())

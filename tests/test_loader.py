@@ -29,31 +29,41 @@ def window_shards(tmp_path):
 
 
 def windows_of_epoch(loader):
-    return [int(loader.next_batch()[0][0, 0]) for _ in range(loader.batches_per_epoch)]
+    return [int(loader.next_batch()[0][0, 0]) for _ in range(loader.windows_per_epoch)]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_ranks_read_disjoint_windows_that_cover_the_epoch(window_shards, world_size):
+def global_stream(data_dir, world_size, n, seed=1):
+    """The first n windows the ranks read together, in the order of the stream (window g is rank g %
+    world_size's (g // world_size)-th batch)."""
+    loaders = [t.TrainLoader(data_dir, B, T, rank, world_size, seed=seed) for rank in range(world_size)]
+    per_rank = [[int(loader.next_batch()[0][0, 0]) for _ in range(-(-n // world_size))] for loader in loaders]
+    return [per_rank[g % world_size][g // world_size] for g in range(n)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ranks_read_disjoint_windows_the_same_stream_for_any_world_size(window_shards, world_size):
+    """Together the ranks read the stream one rank reads: each epoch every full window once, then the
+    next epoch's. 3 ranks do not divide the 20 windows of an epoch: the epochs run on across batches."""
     data_dir, all_windows = window_shards
-    per_rank = []
-    for rank in range(world_size):
-        loader = t.TrainLoader(data_dir, B, T, rank, world_size, seed=1)
-        assert all(isinstance(s, np.memmap) for s in loader.shards)  # never a whole shard in RAM
-        per_rank.append(windows_of_epoch(loader))
-    seen = [w for windows in per_rank for w in windows]
-    assert len(seen) == len(set(seen)), "two ranks read the same window"
-    assert set(seen) <= all_windows
-    assert len(all_windows) - len(seen) < world_size  # only the last partial round is left out
-    if world_size == 1:
-        assert set(seen) == all_windows
+    assert all(isinstance(s, np.memmap) for s in t.TrainLoader(data_dir, B, T).shards)  # never a whole shard in RAM
+    one_rank = global_stream(data_dir, 1, 50)
+    assert sorted(one_rank[:20]) == sorted(all_windows) == sorted(one_rank[20:40])  # epochs 1 and 2
+    assert one_rank[:20] != one_rank[20:40]  # reshuffled
+    assert global_stream(data_dir, world_size, 50) == one_rank
 
 
-def test_batches_are_inputs_and_targets_shifted_by_one(window_shards):
-    data_dir, _ = window_shards
-    x, y = t.TrainLoader(data_dir, B, T).next_batch()
-    assert x.shape == y.shape == (B, T) and x.dtype == torch.long
-    flat_x, flat_y = x.flatten(), y.flatten()
-    assert torch.equal(flat_x[1:], flat_y[:-1])
+def test_batches_are_inputs_and_targets_shifted_by_one(tmp_path):
+    """Every token a distinct value: y is x shifted by one, and a window's last target is the next
+    window's first input (consecutive windows share one token)."""
+    np.save(tmp_path / "n_train_000001.npy", np.arange(10 * WINDOW + 1, dtype=np.uint16))
+    loader = t.TrainLoader(tmp_path, B, T, seed=3)
+    for _ in range(10):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (B, T) and x.dtype == torch.long
+        start = int(x[0, 0])
+        assert start % WINDOW == 0  # a whole window, from its start
+        assert torch.equal(x.flatten(), torch.arange(start, start + WINDOW))
+        assert torch.equal(y.flatten(), torch.arange(start + 1, start + WINDOW + 1))
 
 
 def test_shuffle_depends_on_seed_and_epoch(window_shards):
@@ -68,18 +78,22 @@ def test_shuffle_depends_on_seed_and_epoch(window_shards):
     assert sorted(second_epoch) == sorted(first) and second_epoch != first
 
 
-@pytest.mark.parametrize("k", [3, 19, 25])  # within the first epoch, at its end, into the second
-def test_state_dict_resumes_the_exact_batches(window_shards, k):
+@pytest.mark.parametrize("k", [3, 9, 13])  # within the first epoch, at its end, into the second (10 per epoch and rank)
+@pytest.mark.parametrize("resume_world_size", [2, 1])
+def test_state_dict_resumes_the_exact_batches(window_shards, k, resume_world_size):
+    """Stop two ranks after k batches each; resume on two ranks (the same batches) or one (the same stream)."""
     data_dir, _ = window_shards
-    loader = t.TrainLoader(data_dir, B, T, rank=1, world_size=2, seed=5)
+    loaders = [t.TrainLoader(data_dir, B, T, rank=r, world_size=2, seed=5) for r in range(2)]
     for _ in range(k):
-        loader.next_batch()
-    state = loader.state_dict()
-    expected = [loader.next_batch() for _ in range(12)]
-    resumed = t.TrainLoader(data_dir, B, T, rank=1, world_size=2, seed=5)
-    resumed.load_state_dict(state)
-    for (x, y), (rx, ry) in zip(expected, (resumed.next_batch() for _ in range(12))):
-        assert torch.equal(x, rx) and torch.equal(y, ry)
+        for loader in loaders:
+            loader.next_batch()
+    state = loaders[0].state_dict()
+    expected = [loader.next_batch()[0] for _ in range(6) for loader in loaders]  # in stream order
+    resumed = [t.TrainLoader(data_dir, B, T, rank=r, world_size=resume_world_size, seed=5) for r in range(resume_world_size)]
+    for loader in resumed:
+        loader.load_state_dict(state)
+    again = [loader.next_batch()[0] for _ in range(12 // resume_world_size) for loader in resumed]
+    assert all(torch.equal(a, b) for a, b in zip(expected, again, strict=True))
 
 
 def test_val_set_is_the_same_for_any_world_size(window_shards):

@@ -223,8 +223,10 @@ def test_default_config_is_gpt2_124m_and_starts_at_chance():
     model = t.GPT(t.GPTConfig())
     assert model.num_params() == 124_439_808
     assert model.transformer.wte.weight is model.lm_head.weight  # tied
-    # Residual projections use the scaled init; others 0.02.
+    # Both residual projections of a block use the scaled init; the other matrices 0.02.
     assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(24), rel=0.05)
+    assert model.transformer.h[5].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(24), rel=0.05)
+    assert model.transformer.h[5].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0
     torch.manual_seed(0)
