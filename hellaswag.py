@@ -45,7 +45,8 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from train_gpt2 import EOT_TOKEN, ArgumentParser, UserError, check_writable, get_tokenizer, load_model, run_main, setup_distributed
+from train_gpt2 import (EOT_TOKEN, ArgumentParser, UserError, check_writable, get_tokenizer, load_model, progress_bar,
+                        run_main, setup_distributed)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The data
@@ -269,14 +270,16 @@ def ending_losses(model, tokens: torch.Tensor, scored: torch.Tensor, autocast_dt
 
 
 def hellaswag_losses(
-    model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=16, sort_by_length=True
+    model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=16, sort_by_length=True, progress=False
 ):
     """Per-ending losses (sum_losses, mean_losses), each a float tensor (len(examples), 4) on the CPU,
-    in the order of `examples`."""
+    in the order of `examples`. progress: a progress bar with an ETA (on a terminal)."""
     block_size = block_size_of(model)
     sum_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)  # row 4 * i + j: example i, ending j
     mean_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)
-    for batch in make_batches(examples, batch_size, block_size, pad_to_multiple, sort_by_length):
+    batches = make_batches(examples, batch_size, block_size, pad_to_multiple, sort_by_length)
+    total = math.ceil(len(examples) / batch_size)
+    for batch in progress_bar(batches, progress, "HellaSwag", total=total):
         sum_loss, mean_loss = ending_losses(model, batch.tokens.to(device), batch.scored.to(device), autocast_dtype)
         rows = torch.tensor(batch.rows, device=device)
         sum_losses[rows] = sum_loss[: len(rows)]  # the rows after len(rows) are padding
@@ -287,7 +290,7 @@ def hellaswag_losses(
 
 def hellaswag_counts(
     model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, pad_to_multiple=16,
-    sort_by_length=True,
+    sort_by_length=True, progress=False,
 ) -> dict:
     """Score this rank's share of `examples` (a list from load_hellaswag): every world_size-th
     example, from the rank-th.
@@ -304,7 +307,7 @@ def hellaswag_counts(
     """
     share = examples[rank::world_size]
     sum_losses, mean_losses = hellaswag_losses(
-        model, share, device, batch_size, autocast_dtype, pad_to_multiple, sort_by_length
+        model, share, device, batch_size, autocast_dtype, pad_to_multiple, sort_by_length, progress
     )
     labels = torch.tensor([example.label for example in share], dtype=torch.long)
     return dict(
@@ -395,7 +398,7 @@ def evaluate(args, rank: int, world_size: int, device: str) -> None:
     pad_to_multiple = 16 if args.compile else 1
     counts, seconds = timed_counts(
         model, examples, device, rank, world_size, batch_size=args.batch_size, autocast_dtype=autocast_dtype,
-        pad_to_multiple=pad_to_multiple,
+        pad_to_multiple=pad_to_multiple, progress=rank == 0,
     )
     n = counts["total"]
     result = dict(

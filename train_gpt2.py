@@ -23,6 +23,7 @@ import base64
 import contextlib
 import errno
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -66,6 +68,13 @@ def run_main(main) -> None:
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+
+
+def progress_bar(iterable=None, enabled=True, desc="", **kwargs):
+    """tqdm with an ETA, on a terminal only: a log file gets the result lines, not a thousand redraws."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True, **kwargs)
 
 
 def check_writable(path, flag: str) -> None:
@@ -527,6 +536,7 @@ class GPT(nn.Module):
         stop_at_eot: bool = False,
         use_kv_cache: bool = True,
         compile_step: bool = False,
+        progress: bool = False,
     ):
         """idx: (B, T) prompt tokens, the same length in every row. Returns (B, T + n), n <= max_new_tokens.
 
@@ -543,7 +553,7 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         n = T  # tokens so far
         logits, _ = self(idx[:, -block_size:], kv_cache=kv_cache, last_only=True)  # the prompt in one pass
-        for i in range(max_new_tokens):
+        for i in progress_bar(range(max_new_tokens), progress, "sampling", unit="tok"):
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_at_eot:
                 next_token = torch.where(finished[:, None], EOT_TOKEN, next_token)
@@ -1063,6 +1073,8 @@ class TrainConfig:
     sample_prompt: str = setting("Hello, I'm a language model,", "prompt of the printed samples")
     # checkpoints and logs
     log_dir: str = setting("log", "run folder: log.txt, train_config.json, checkpoints")
+    tensorboard: bool = setting(False, "also write log.txt's streams and the samples for TensorBoard, in log_dir/tensorboard")
+    print_settings: bool = setting(False, "print every setting at the start (they are always saved in train_config.json)")
     checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)", rule="positive")
     keep_checkpoints: int = setting(3, "keep the newest K checkpoints", rule="positive")
     resume: bool = setting(False, "continue from the newest checkpoint in log_dir (starts fresh if there is none)")
@@ -1169,6 +1181,8 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
     unknown = [t for t in split_list(config.lora_targets) if t not in LORA_TARGETS]
     if unknown or not split_list(config.lora_targets):
         raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if config.sample_interval and len(get_tokenizer().encode(config.sample_prompt)) >= config.block_size:
         raise UserError(f"--sample_prompt is {len(get_tokenizer().encode(config.sample_prompt))} tokens: it must be "
                         f"shorter than --block_size {config.block_size}")
@@ -1287,8 +1301,19 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of all the tensors in a (nested) dict/list: what a checkpoint will weigh, for its progress bar."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
-                    val_loss, scaler, device: str) -> Path:
+                    val_loss, scaler, device: str, progress=False) -> Path:
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     checkpoint = dict(
@@ -1306,8 +1331,12 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: Tr
     path = log_dir / f"ckpt_{step:06d}.pt"
     tmp = path.with_name(path.name + ".tmp")
     try:
+        from tqdm import tqdm
+
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            with tqdm.wrapattr(f, "write", total=tensor_bytes(checkpoint), desc=f"saving {path.name}", leave=False,
+                               disable=None if progress else True) as writer:  # GPT-2 XL: 19 GB to write
+                torch.save(checkpoint, writer)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
         os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
@@ -1448,12 +1477,13 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
 
 
 @torch.no_grad()
-def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool) -> tuple[float, int]:
+def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progress=False) -> tuple[float, int]:
     """Mean loss over the fixed val set, all ranks together. Returns (val_loss, tokens evaluated)."""
     model.eval()
     device = val_loader.device
     loss_sum, token_count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-    for x, y in val_loader.batches():
+    total = math.ceil(len(val_loader.starts) / val_loader.B)
+    for x, y in progress_bar(val_loader.batches(), progress, "val loss", total=total):
         with autocast:
             _, loss = model(x, y)
         loss_sum += loss.float() * y.numel()  # back from mean to sum, so ranks with fewer tokens weigh less
@@ -1508,6 +1538,25 @@ def format_duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def events_left(step: int, max_steps: int, interval: int, offset: int = 0, first: int = 0) -> int:
+    """How many of the steps after `step` do something every `interval` steps (at steps s with
+    (s + offset) % interval == 0, s >= first) or at the last step."""
+    if not interval or step >= max_steps - 1:
+        return 0
+    lo, hi = max(step + 1, first) + offset, max_steps - 1 + offset  # multiples of interval in [lo, hi]
+    return max(0, hi // interval - (lo - 1) // interval) + ((max_steps - 1 + offset) % interval != 0)
+
+
+def eta_seconds(step: int, config: TrainConfig, seconds: dict) -> float:
+    """The time left after `step`: the steps, and the evaluations, samples and checkpoints still due,
+    each at the time it took last (seconds: {"step", "eval", "sample", "checkpoint"})."""
+    n = config.max_steps
+    return ((n - step - 1) * seconds["step"]
+            + events_left(step, n, config.eval_interval) * seconds["eval"]
+            + events_left(step, n, config.sample_interval, first=1) * seconds["sample"]
+            + events_left(step, n, config.checkpoint_interval, offset=1) * seconds["checkpoint"])
 
 
 class RunLock:
@@ -1614,10 +1663,115 @@ def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
     return model
 
 
+class TensorBoard:
+    """--tensorboard: the streams of log.txt, the settings and the samples, as TensorBoard events in
+    log_dir/tensorboard (`tensorboard --logdir log/`). log.txt stays the record the notebooks read."""
+
+    def __init__(self, log_dir: Path, start_step: int, config: TrainConfig):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only --tensorboard needs it
+
+        # purge_step: what an interrupted attempt logged after the checkpoint we resume from is dropped,
+        # and the resumed run's own values take its place, as in log.txt.
+        self.writer = SummaryWriter(log_dir / "tensorboard", purge_step=start_step or None)
+        self.writer.add_text("settings", "\n".join(f"    {k} = {v!r}" for k, v in asdict(config).items()), start_step)
+
+    def log(self, step: int, stream: str, value: str):
+        if value != "nonfinite":
+            self.writer.add_scalar(stream, float(value), step)
+
+    def text(self, step: int, name: str, text: str):
+        self.writer.add_text(name, text, step)
+
+    def close(self):
+        self.writer.close()
+
+
+# OpenAI's GPT-2 of each size, for the summary at the end of a run: (parameters, val loss on the
+# FineWeb-Edu val shard, HellaSwag acc_norm in hellaswag.py's protocol). The notebooks hold the full
+# table with its sources; tests/test_notebooks.py keeps these numbers equal to theirs.
+GPT2_SCORES = {
+    "gpt2": (124_439_808, 3.2924, 0.2955),
+    "gpt2-medium": (354_823_168, None, 0.3752),
+    "gpt2-large": (774_030_080, None, 0.4320),
+    "gpt2-xl": (1_557_611_200, None, 0.4893),
+}
+
+
+def human(n: float) -> str:
+    """24576 -> "24.6K", 10_000_000_000 -> "10.0B": token counts at a glance."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:g}"
+
+
+def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compile: bool, world_size: int,
+                 grad_accum_steps: int, train_loader: TrainLoader, val_loader: ValLoader) -> str:
+    """The settings the run really uses, resolved (the device, not "auto"), in a few lines."""
+    c = model.config
+    if device.startswith("cuda"):
+        hardware = f"{torch.cuda.get_device_name(device)} x {world_size} GPU{'s' if world_size > 1 else ''}"
+    else:
+        threads = torch.get_num_threads()
+        hardware = f"{device} ({threads} thread{'s' if threads > 1 else ''})" + (f" x {world_size} processes" if world_size > 1 else "")
+    recipe = (f"Muon lr {config.muon_lr:g} (block matrices) + AdamW lr {config.max_lr:g} (the rest)"
+              if config.optimizer == "muon" else f"AdamW lr {config.max_lr:g}")
+    recipe += f", {config.schedule} schedule, warmup {config.warmup_steps} steps"
+    if config.schedule == "wsd":
+        recipe += f", decay over the last {config.decay_frac:.0%}"
+    tokens = config.max_steps * config.total_batch_size
+    train_tokens = train_loader.windows_per_epoch * config.micro_batch_size * config.block_size
+    lines = [
+        f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'}",
+        f"model:  {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
+        f"block {c.block_size}, vocab {c.padded_vocab_size}) from {model.source}",
+        f"data:   {config.data_dir}/: {human(train_tokens)} train tokens in {len(train_loader.shards)} shard(s); "
+        f"{human(val_loader.total_tokens)} val tokens per eval",
+        f"recipe: {recipe}",
+        f"steps:  {config.max_steps:,} x {config.total_batch_size:,} tokens = {human(tokens)} tokens "
+        f"({tokens / train_tokens:.2f} epochs); a step = {config.micro_batch_size} x {config.block_size} tokens x "
+        f"{world_size} process(es) x {grad_accum_steps} accumulation steps",
+        f"every setting: {Path(config.log_dir) / 'train_config.json'} (--print_settings prints them here)",
+    ]
+    if model.lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lines.insert(2, f"LoRA:   rank {model.lora['rank']}, alpha {model.lora['alpha']:g} on {','.join(model.lora['targets'])}: "
+                        f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
+    return "\n".join(lines)
+
+
+def run_summary(config: TrainConfig, model: GPT, step: int, steps_done: int, seconds: float, val_loss, acc_norm,
+                finished: bool) -> str:
+    """What the run did, how it compares with OpenAI's GPT-2 of its size, and what to do next."""
+    log_dir = Path(config.log_dir)
+    tokens = steps_done * config.total_batch_size
+    lines = [f"{'done' if finished else 'stopped'}: step {step:,} of {config.max_steps:,}; this session: {steps_done:,} "
+             f"steps, {human(tokens)} tokens in {format_duration(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tok/s overall)"]
+    name, (params, gpt2_val, gpt2_hella) = min(GPT2_SCORES.items(), key=lambda kv: abs(kv[1][0] - model.num_params()))
+    same_size = abs(params - model.num_params()) < 0.05 * params
+    if val_loss is not None:
+        reference = f" (OpenAI's {name}: {gpt2_val:.4f} on FineWeb-Edu's val shard)" if same_size and gpt2_val else ""
+        lines.append(f"val loss {val_loss:.4f}{reference}")
+    if acc_norm is not None:
+        reference = f" (OpenAI's {name}: {gpt2_hella:.4f})" if same_size else ""
+        lines.append(f"HellaSwag acc_norm {acc_norm:.4f}{reference}")
+    newest = find_latest_checkpoint(log_dir)
+    lines.append(f"newest checkpoint: {newest}")
+    if not finished:
+        lines.append("continue: the same command with --resume")
+    lines += ["next:",
+              f"  python sample.py --init_from {log_dir}/                       # talk to it",
+              f"  python hellaswag.py --model {log_dir}/                        # HellaSwag on all 10,042 examples",
+              f"  python -c \"from train_gpt2 import load_model; load_model('{log_dir}/').save_hf('my-gpt2')\"   # to Hugging Face",
+              f"  RUN_DIR={log_dir} jupyter lab play.ipynb                      # plots of the run"]
+    return "\n".join(lines)
+
+
 def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
     master = rank == 0  # only rank 0 prints, logs and writes checkpoints
     say = print if master else (lambda *a, **k: None)
-    say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
+    if config.print_settings:
+        say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
     lock, resume_from, checkpoint = open_run_dir(config, master, say)
     try:
         run(config, ddp, rank, local_rank, world_size, device, resume_from, checkpoint, say)
@@ -1628,6 +1782,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
 
 def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str,
         resume_from: Path | None, checkpoint: dict | None, say) -> None:
+    started = time.time()
     master, device_type, log_dir = rank == 0, device.split(":")[0], Path(config.log_dir)
 
     # The batch: total_batch_size tokens per optimizer step, made of micro-batches of B sequences of
@@ -1637,10 +1792,9 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
     if config.total_batch_size % tokens_per_micro_step:
         raise UserError(
             f"--total_batch_size {config.total_batch_size:,} is not a multiple of micro_batch_size x block_size x "
-            f"GPUs = {B} x {T} x {world_size} = {tokens_per_micro_step:,}: change one of them"
+            f"processes = {B} x {T} x {world_size} = {tokens_per_micro_step:,}: change one of them"
         )
     grad_accum_steps = config.total_batch_size // tokens_per_micro_step
-    say(f"total batch {config.total_batch_size:,} tokens = {B} x {T} x {world_size} GPUs x {grad_accum_steps} accumulation steps")
 
     if checkpoint is not None:
         say(f"resuming from {resume_from} (step {checkpoint['step']})")
@@ -1662,21 +1816,15 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
     model = build_model(config, checkpoint).to(device)
     if T > model.config.block_size:
         raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
-    say(f"model: {model.num_params():,} parameters, {asdict(model.config)}")
-    if model.lora:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        say(f"LoRA: rank {model.lora['rank']}, alpha {model.lora['alpha']} on {','.join(model.lora['targets'])}: "
-            f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
     vocab_size = model.config.vocab_size
     train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, vocab_size, device)
     val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device, vocab_size)
-    say(f"data: {train_loader.windows_per_epoch * B * T:,} train tokens per epoch; {val_loader.total_tokens:,} val tokens per eval")
 
     dtype = pick_dtype(config.dtype, device)
     autocast, scaler = mixed_precision(device, dtype)
     optimizers = configure_optimizers(model, config, device_type)
 
-    start_step, val_loss = 0, None
+    start_step, val_loss, acc_norm = 0, None, None
     if checkpoint is not None:
         states = checkpoint.get("optimizers") or [checkpoint["optimizer"]]  # (earlier versions: one optimizer)
         for optimizer, state in zip(optimizers, states, strict=True):
@@ -1708,6 +1856,9 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
             dist.barrier()
         data_path = hellaswag.find_hellaswag_data(config.hellaswag_data or None)
         hellaswag_examples = hellaswag.load_hellaswag(data_path, config.hellaswag_limit or None)
+
+    say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps, train_loader, val_loader))
+    if hellaswag_examples is not None:
         say(f"HellaSwag: {len(hellaswag_examples):,} examples from {data_path}, split across {world_size} rank(s)")
 
     # Every setting, the data, the model and the checkpoint are known to be good: only now may an
@@ -1717,49 +1868,62 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
     peak_flops = config.peak_flops or peak_flops_for(device, dtype)
     flops_per_step = flops_per_token(model, T) * config.total_batch_size
     log_file = open(log_dir / "log.txt", "a") if master else None  # appended: a resumed run continues it
+    board = TensorBoard(log_dir, start_step, config) if master and config.tensorboard else None
 
     def log(step, stream, value):
         if master:  # `step stream value`, e.g. `250 val 3.8123`: easy to grep, plot, and append to on resume
             log_file.write(f"{step} {stream} {value}\n")
             log_file.flush()
+            if board:
+                board.log(step, stream, value)
 
     if master:
         (log_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     stop = StopRequest()
     enc = get_tokenizer()
     bad_steps, step_times = 0, []
+    seconds = dict(step=0.0, eval=0.0, sample=0.0, checkpoint=0.0)  # what each took last time, for the ETA
     # A checkpoint is "good" once the step after it was finite. The newest one may not be yet: the
     # update before it may have been the one that broke the weights.
     unconfirmed = resume_from
     earlier = [p for p in sorted(log_dir.glob(CHECKPOINT_GLOB)) if p != resume_from and (not resume_from or p < resume_from)]
     last_good = earlier[-1] if earlier else None
+    step = start_step
     try:
         for step in range(start_step, config.max_steps):
             last_step = step == config.max_steps - 1
 
             if config.eval_interval and (step % config.eval_interval == 0 or last_step):
-                val_loss, _ = evaluate_val_loss(compiled, val_loader, autocast, ddp)
+                t0 = time.time()
+                val_loss, _ = evaluate_val_loss(compiled, val_loader, autocast, ddp, progress=master)
                 say(f"step {step:5d} | val loss {val_loss:.4f}")
                 log(step, "val", f"{val_loss:.6f}")
                 if hellaswag_examples is not None:
                     # Every rank scores its share with the compiled model (not the DDP wrapper), fixed shapes.
                     counts = hellaswag.hellaswag_counts(compiled, hellaswag_examples, device, rank=rank, world_size=world_size,
-                                                        autocast_dtype=None if dtype == torch.float32 else dtype)
+                                                        autocast_dtype=None if dtype == torch.float32 else dtype,
+                                                        progress=master)
                     counts = torch.tensor([counts["correct_norm"], counts["total"]], device=device)
                     if ddp:
                         dist.all_reduce(counts)
                     acc_norm = counts[0].item() / counts[1].item()
                     say(f"step {step:5d} | HellaSwag acc_norm {acc_norm:.4f} ({counts[0].item()}/{counts[1].item()})")
                     log(step, "hella", f"{acc_norm:.4f}")
+                seconds["eval"] = time.time() - t0
 
             if master and config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
+                t0 = time.time()
                 prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
                 generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
                 with autocast:
                     samples = model.generate(prompt, config.sample_tokens, top_k=50, generator=generator,
-                                             compile_step=use_compile)
-                for i, row in enumerate(samples.tolist()):
-                    say(f"sample {i}: {enc.decode(row)!r}")
+                                             compile_step=use_compile, progress=True)
+                texts = [enc.decode(row) for row in samples.tolist()]
+                for i, text in enumerate(texts):
+                    say(f"sample {i}: {text!r}")
+                if board:
+                    board.text(step, "samples", "\n\n".join(texts))
+                seconds["sample"] = time.time() - t0
 
             t0 = time.time()
             lr_factor = lr_schedule(step, config)
@@ -1785,15 +1949,16 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
                     stop_on_bad_steps(bad_steps, step, last_good, unconfirmed, master)
 
             tokens_per_sec = config.total_batch_size / dt
-            typical_dt = sorted(step_times[1:] or step_times)[len(step_times[1:] or step_times) // 2]  # median, skipping compile
-            eta = format_duration(typical_dt * (config.max_steps - step - 1))
+            seconds["step"] = statistics.median(step_times[1:] or step_times)  # the first step compiles: left out
             mfu = f"{100 * flops_per_step / dt / (peak_flops * world_size):.1f}%" if peak_flops else "n/a"
             say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | dt {1000 * dt:.1f}ms | "
-                f"tok/s {tokens_per_sec:,.0f} | MFU {mfu} | ETA {eta}")
+                f"tok/s {tokens_per_sec:,.0f} | MFU {mfu} | ETA {format_duration(eta_seconds(step, config, seconds))}")
             log(step, "train", f"{loss:.9g}")  # 9 digits tell any two float32 values apart
             log(step, "lr", f"{lr:.6e}")
             log(step, "norm", f"{grad_norm:.6g}")
             log(step, "tok_s", f"{tokens_per_sec:.0f}")
+            if peak_flops:
+                log(step, "mfu", f"{flops_per_step / dt / (peak_flops * world_size):.4f}")
 
             stop_now = torch.tensor(float(stop.requested), device=device)
             if ddp:  # every rank must stop at the same step, or the others would wait forever
@@ -1803,16 +1968,22 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
                 if bad_steps:  # weights that gave a non-finite step are never saved (nor rotate good ones out)
                     say(f"no checkpoint after step {step}: its loss was not finite (last good: {last_good or 'none'})")
                 else:
-                    path = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config, val_loss, scaler, device)
+                    t0 = time.time()
+                    path = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config, val_loss, scaler,
+                                           device, progress=True)
+                    seconds["checkpoint"] = time.time() - t0
                     unconfirmed = path
                     say(f"saved {path}")
             if stop_now:
-                say(f"stopped after step {step}; continue with --resume")
                 break
+        say(run_summary(config, model, step + 1, step + 1 - start_step, time.time() - started, val_loss, acc_norm,
+                        finished=step + 1 == config.max_steps))
     finally:
         stop.restore()
         if log_file is not None:
             log_file.close()
+        if board:
+            board.close()
 
 
 def stop_on_bad_steps(bad_steps: int, step: int, last_good: Path | None, unconfirmed: Path | None, master: bool):

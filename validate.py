@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from train_gpt2 import CONV1D_WEIGHTS, GPT, ArgumentParser, UserError, get_tokenizer, load_model, pick_device, run_main
+from train_gpt2 import (CONV1D_WEIGHTS, GPT, ArgumentParser, UserError, get_tokenizer, load_model, pick_device,
+                        quiet_transformers, run_main)
 
 PROMPTS = [
     "Hello, I'm a language model,",
@@ -49,7 +50,9 @@ def compare_state_dicts(model: GPT, hf_model) -> dict:
     return report
 
 
-def validate(model: GPT, hf_model, device="cpu", max_new_tokens=32, tolerance=1e-4) -> bool:
+def validate(model: GPT, hf_model, device="cpu", max_new_tokens=32, tolerance=1e-4,
+             reference="Hugging Face's GPT2LMHeadModel on the same weights") -> bool:
+    """Compare our model with `hf_model`, described as `reference` in the verdict line."""
     enc = get_tokenizer()
     alignment = compare_state_dicts(model, hf_model)
     print(
@@ -83,7 +86,7 @@ def validate(model: GPT, hf_model, device="cpu", max_new_tokens=32, tolerance=1e
         and logit_diff <= tolerance
         and generations_agree
     )
-    print("OK: matches Hugging Face GPT-2" if ok else "FAILED: does not match Hugging Face GPT-2")
+    print(f"OK: matches {reference}" if ok else f"FAILED: does not match {reference}")
     return ok
 
 
@@ -103,14 +106,15 @@ def main(argv=None):
     device = pick_device(args.device)
     model = load_model(args.model, device)
     with tempfile.TemporaryDirectory() as tmp:
-        hf_source = args.model
+        hf_source, reference = args.model, f"Hugging Face's GPT2LMHeadModel on the same weights ({args.model})"
         if not (Path(args.model) / "config.json").exists() and Path(args.model).exists():
-            # Our checkpoint: the reference is its own export, which also checks the export path.
+            # Our checkpoint: the reference is its own export, which checks the export path, not the weights.
             model.save_hf(tmp)
-            hf_source = tmp
-            print(f"exported {args.model} to Hugging Face format for the comparison")
-        hf_model = GPT2LMHeadModel.from_pretrained(hf_source).to(device).eval()
-        ok = validate(model, hf_model, device, args.max_new_tokens, args.tolerance)
+            hf_source, reference = tmp, "its own export, loaded by Hugging Face's GPT2LMHeadModel"
+            print(f"comparing {model.source} with its Hugging Face export (save_hf), loaded by GPT2LMHeadModel")
+        with quiet_transformers():
+            hf_model = GPT2LMHeadModel.from_pretrained(hf_source).to(device).eval()
+        ok = validate(model, hf_model, device, args.max_new_tokens, args.tolerance, reference)
     sys.exit(0 if ok else 1)
 
 

@@ -172,6 +172,7 @@ def test_a_lora_run_resumes_exactly_runs_under_ddp_and_its_checkpoint_works_ever
 
     validate = run_script("validate.py", run, "--max_new_tokens", "4")
     assert validate.returncode == 0, validate.stdout + validate.stderr
+    assert "OK: matches its own export, loaded by Hugging Face's GPT2LMHeadModel" in validate.stdout  # not "GPT-2"
     hellaswag = run_script("hellaswag.py", "--model", run, "--data", shared_data / "hellaswag_val.jsonl", "--limit", "8")
     assert hellaswag.returncode == 0 and "acc_norm" in hellaswag.stdout, hellaswag.stderr
     train(shakespeare_shards, tmp_path / "again", "--init_from", run, "--max_steps", "1")  # a run folder, into a full fine-tune

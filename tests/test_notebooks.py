@@ -89,6 +89,18 @@ def test_notebooks_share_baselines_and_log_reader():
         assert cells_tagged(play, tag) == cells_tagged(benchmark, tag), f"the {tag} cells differ"
 
 
+def test_the_training_summary_quotes_the_notebooks_numbers():
+    """train_gpt2.GPT2_SCORES (the end-of-run summary) holds the notebooks' GPT-2 figures, not others."""
+    import train_gpt2
+
+    namespace = {}
+    exec(cells_tagged(read_notebook("play.ipynb"), "baselines")[0], namespace)
+    baselines = namespace["BASELINES"]
+    for name, (params, val_loss, acc_norm) in train_gpt2.GPT2_SCORES.items():
+        row = next(row for row in baselines.values() if row["params"] == params)
+        assert (row["params"], row["val_loss"], row["completion"][1]) == (params, val_loss, acc_norm), name
+
+
 def test_kernel_runs_this_python():
     """nbclient starts the `python3` kernel; it must be this environment's Python, not another install."""
     argv = KernelSpecManager().get_kernel_spec("python3").argv
