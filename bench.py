@@ -83,9 +83,20 @@ class HFPeer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+# What is measured: our GPT as it trains by default; the same with one optimisation switched off, to
+# show what that optimisation does; and Hugging Face's GPT-2 as the peer.
+IMPLS = {
+    "ours": "ours",
+    "ours_plain_loss": "ours, the plain loss (full logits, F.cross_entropy) instead of LinearCrossEntropy",
+    "hf": "transformers.GPT2LMHeadModel",
+}
+
+
 def build(impl: str, config: GPTConfig, device: str) -> nn.Module:
     torch.manual_seed(0)
-    model = GPT(config) if impl == "ours" else HFPeer(config)
+    model = HFPeer(config) if impl == "hf" else GPT(config)
+    if impl == "ours_plain_loss":
+        model.loss_chunk_rows = 0
     return model.to(device)
 
 
@@ -94,15 +105,15 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def bench_training(config, args, device, dtype) -> dict:
-    """Median time of a full optimizer step (forward, backward, clip, AdamW) on (B, T), for ours and
-    the HF peer. Their steps alternate, so a change in machine load hits both alike."""
+def bench_training(config, args, device, dtype, impls) -> dict:
+    """Median time of a full optimizer step (forward, backward, clip, AdamW) on (B, T), for each of
+    `impls`. Their steps alternate, so a change in machine load hits all alike."""
     autocast, _ = mixed_precision(device, dtype)
     B, T = args.batch_size, config.block_size
     x = torch.randint(0, config.vocab_size, (B, T), device=device)
     y = torch.randint(0, config.vocab_size, (B, T), device=device)
-    setups, times, peak_mem = {}, {"ours": [], "hf": []}, {}
-    for impl in ("ours", "hf"):
+    setups, times, peak_mem = {}, {impl: [] for impl in impls}, {}
+    for impl in impls:
         model = build(impl, config, device)
         optimizers = configure_optimizers(model, TrainConfig(), device.split(":")[0])
         _, scaler = mixed_precision(device, dtype)  # a scaler per model: each tracks its own gradients
@@ -135,19 +146,20 @@ def bench_training(config, args, device, dtype) -> dict:
 
 
 @torch.no_grad()
-def bench_sampling(impl, config, args, device, dtype, use_cache: bool) -> float:
-    """Greedy generation tokens/s for a batch of prompts, with or without the KV cache."""
+def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_step=False) -> float:
+    """Greedy generation tokens/s for a batch of 10-token prompts, with or without the KV cache, and
+    (ours) with the one-token step compiled (a CUDA graph on GPUs) or not."""
     model = build(impl, config, device).eval()
     autocast, _ = mixed_precision(device, dtype)
-    prompt = torch.randint(0, config.vocab_size, (args.sample_batch, 16), device=device)
-    new = min(args.sample_tokens, config.block_size - 16)
+    prompt = torch.randint(0, config.vocab_size, (args.sample_batch, 10), device=device)
+    new = min(args.sample_tokens, config.block_size - 10)
     times = []
-    for _ in range(2):  # the first run warms up
+    for _ in range(2):  # the first run warms up (and compiles)
         sync(device)
         t0 = time.perf_counter()
         with autocast:
-            if impl == "ours":
-                model.generate(prompt, new, temperature=0, use_kv_cache=use_cache)
+            if impl != "hf":
+                model.generate(prompt, new, temperature=0, use_kv_cache=use_cache, compile_step=compile_step)
             else:
                 model.hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
                                   pad_token_id=0)
@@ -178,10 +190,52 @@ def bench_hellaswag(impl, config, args, device, dtype) -> float | None:
     return len(examples) / (time.perf_counter() - t0)
 
 
+def finetune_step_memory(config_kwargs: dict, args_kwargs: dict, device: str, dtype_name: str, lora_rank: int) -> float:
+    """Peak memory (GiB) of fine-tuning steps: every weight (lora_rank 0) or LoRA adapters only. On a
+    GPU, torch's allocator peak; on a CPU, the peak resident memory of this process, which runs alone
+    (bench.py starts it fresh for each case, so the two share no allocations)."""
+    import resource
+
+    from train_gpt2 import add_lora
+
+    config, dtype = GPTConfig(**config_kwargs), getattr(torch, dtype_name)
+    model = build("ours", config, device)
+    if lora_rank:
+        add_lora(model, lora_rank, alpha=2.0 * lora_rank)
+    optimizers = configure_optimizers(model, TrainConfig(), device.split(":")[0])
+    autocast, scaler = mixed_precision(device, dtype)
+    x = torch.randint(0, config.vocab_size, (args_kwargs["batch_size"], config.block_size), device=device)
+    for _ in range(3):  # the optimizer's moments appear at the first step
+        train_step(model, optimizers, lambda: (x, x), 1, autocast, 1.0, scaler, ddp=False)
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def bench_finetune(config, args, device, dtype, lora_rank: int) -> float:
+    """finetune_step_memory in a fresh process (spawned: it imports nothing of this one's state)."""
+    import dataclasses
+    import multiprocessing
+
+    call = (dataclasses.asdict(config), dict(batch_size=args.batch_size), device, str(dtype).removeprefix("torch."), lora_rank)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(finetune_step_memory, call)
+
+
 def free_memory(device):
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+PARTS = {
+    "train": "training step: ours vs HF (and, with loss, ours with the plain loss)",
+    "loss": "LinearCrossEntropy vs the plain loss, in the training step",
+    "hellaswag": "HellaSwag examples/s: ours vs HF",
+    "sample": "sampling tok/s, with and without the KV cache: ours vs HF",
+    "decode": "sampling with the compiled one-token step vs the plain one",
+    "finetune": "peak memory of full vs LoRA fine-tuning",
+}
 
 
 def main(argv=None):
@@ -200,7 +254,8 @@ def main(argv=None):
     p.add_argument("--hellaswag_limit", type=int, default=200, help="HellaSwag examples to time (0 = skip)")
     p.add_argument("--hellaswag_batch", type=int, default=16)
     p.add_argument("--hellaswag_data", default="", help="hellaswag_val.jsonl (default: $HELLASWAG_DATA or the download cache)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: train,sample,hellaswag")
+    p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
+    p.add_argument("--lora_rank", type=int, default=8, help="the LoRA rank of the finetune part")
     p.add_argument("--peak_flops", type=float, default=0.0)
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
@@ -209,9 +264,9 @@ def main(argv=None):
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1")
     if args.warmup < 0 or args.hellaswag_limit < 0:
         raise UserError("--warmup and --hellaswag_limit must be 0 or more")
-    unknown = set(filter(None, args.skip.split(","))) - {"train", "sample", "hellaswag"}
+    unknown = set(filter(None, args.skip.split(","))) - set(PARTS)
     if unknown:
-        raise UserError(f"--skip {args.skip}: {', '.join(sorted(unknown))} is not a part (train, sample, hellaswag)")
+        raise UserError(f"--skip {args.skip}: {', '.join(sorted(unknown))} is not a part ({', '.join(PARTS)})")
     if args.json:
         check_writable(args.json, "--json")
     device = pick_device(args.device)
@@ -223,7 +278,7 @@ def main(argv=None):
     print(f"{args.model} (B={args.batch_size}, T={args.block_size}) on {hardware}, torch {torch.__version__}, "
           f"{str(dtype).replace('torch.', '')}, compile {args.compile}")
 
-    rows = []
+    rows, effects = [], []  # ours vs HF; an optimisation on vs off
 
     def measure(name, unit, fn):
         values = {}
@@ -233,7 +288,8 @@ def main(argv=None):
         rows.append(dict(name=name, unit=unit, **values))
 
     if "train" not in skip:
-        train = bench_training(config, args, device, dtype)
+        impls = ("ours", "ours_plain_loss", "hf") if "loss" not in skip else ("ours", "hf")
+        train = bench_training(config, args, device, dtype, impls)
         free_memory(device)
         rows.append(dict(name="train step", unit="tok/s", ours=train["ours"]["tok_per_s"], hf=train["hf"]["tok_per_s"]))
         rows.append(dict(name="train step time", unit="ms", ours=train["ours"]["step_ms"], hf=train["hf"]["step_ms"]))
@@ -241,11 +297,27 @@ def main(argv=None):
             rows.append(dict(name="MFU", unit="%", ours=100 * train["ours"]["mfu"], hf=100 * train["hf"]["mfu"]))
         if train["ours"]["peak_mem_gb"] is not None:
             rows.append(dict(name="peak memory", unit="GiB", ours=train["ours"]["peak_mem_gb"], hf=train["hf"]["peak_mem_gb"]))
+        if "ours_plain_loss" in train:
+            plain = train["ours_plain_loss"]
+            effects.append(dict(name="chunked loss: train step", unit="tok/s", on=train["ours"]["tok_per_s"], off=plain["tok_per_s"]))
+            if plain["peak_mem_gb"] is not None:
+                effects.append(dict(name="chunked loss: peak memory", unit="GiB", on=train["ours"]["peak_mem_gb"],
+                                    off=plain["peak_mem_gb"]))
     if "hellaswag" not in skip and args.hellaswag_limit:
         measure("HellaSwag", "examples/s", lambda impl: bench_hellaswag(impl, config, args, device, dtype))
     if "sample" not in skip:
         measure("sampling, KV cache", "tok/s", lambda impl: bench_sampling(impl, config, args, device, dtype, True))
         measure("sampling, no cache", "tok/s", lambda impl: bench_sampling(impl, config, args, device, dtype, False))
+    if "decode" not in skip:
+        compiled = bench_sampling("ours", config, args, device, dtype, True, compile_step=True)
+        free_memory(device)
+        plain = bench_sampling("ours", config, args, device, dtype, True, compile_step=False)
+        effects.append(dict(name="compiled decode step: sampling", unit="tok/s", on=compiled, off=plain))
+    if "finetune" not in skip:
+        lora = bench_finetune(config, args, device, dtype, args.lora_rank)
+        full = bench_finetune(config, args, device, dtype, 0)
+        kind = "GPU allocator" if device.startswith("cuda") else "process RSS"
+        effects.append(dict(name=f"LoRA r={args.lora_rank} vs full fine-tuning: peak memory ({kind})", unit="GiB", on=lora, off=full))
 
     print(f"\n| {'measure':<20} | {'unit':<10} | {'ours':>12} | {'HF GPT-2':>12} | {'ours / HF':>9} |")
     print(f"|{'-' * 22}|{'-' * 12}|{'-' * 14}|{'-' * 14}|{'-' * 11}|")
@@ -255,10 +327,17 @@ def main(argv=None):
         ratio = row["ours"] / row["hf"] if row["hf"] else float("nan")
         row["ratio"] = ratio
         print(f"| {row['name']:<20} | {row['unit']:<10} | {row['ours']:>12,.1f} | {row['hf']:>12,.1f} | {ratio:>8.2f}x |")
+    if effects:
+        print(f"\n| {'optimisation':<56} | {'unit':<6} | {'on':>10} | {'off':>10} | {'on / off':>8} |")
+        print(f"|{'-' * 58}|{'-' * 8}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
+        for row in effects:
+            row["ratio"] = row["on"] / row["off"]
+            print(f"| {row['name']:<56} | {row['unit']:<6} | {row['on']:>10,.2f} | {row['off']:>10,.2f} | {row['ratio']:>7.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), compile=args.compile,
-                           model=args.model, batch_size=args.batch_size, block_size=args.block_size, rows=rows), f, indent=2)
+                           model=args.model, batch_size=args.batch_size, block_size=args.block_size, rows=rows,
+                           optimisations=effects), f, indent=2)
 
 
 if __name__ == "__main__":

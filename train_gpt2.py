@@ -1026,7 +1026,8 @@ def setting(default, help: str, rule: str | None = None, choices: tuple | None =
 class TrainConfig:
     # data
     data_dir: str = setting("edu_fineweb10B", "folder of token shards written by fineweb.py")
-    val_tokens: int = setting(10_485_760, "val tokens per evaluation (20 x 2^19), the same for any number of GPUs", rule="positive")
+    val_tokens: int = setting(10_485_760, "val tokens per evaluation (20 x 2^19), the same for any number of GPUs",
+                              rule="positive")
     data_seed: int = setting(1337, "seed of the per-epoch shuffle of shards and windows")
     # model
     init_from: str = setting("scratch", "scratch | gpt2[-medium|-large|-xl] | a Hugging Face dir | a checkpoint .pt | a run folder")
@@ -1034,15 +1035,18 @@ class TrainConfig:
     n_layer: int = setting(12, "blocks (for --init_from scratch)", rule="positive")
     n_head: int = setting(12, "attention heads per block (for --init_from scratch)", rule="positive")
     n_embd: int = setting(768, "width of the residual stream (for --init_from scratch)", rule="positive")
-    vocab_pad_multiple: int = setting(64, "pad the vocab to a multiple of this (64: 50257 -> 50304, faster on GPUs)", rule="positive")
+    vocab_pad_multiple: int = setting(64, "pad the vocab to a multiple of this (64: 50257 -> 50304, faster on GPUs)",
+                                      rule="positive")
     # fine-tuning with LoRA (section 5)
     lora_rank: int = setting(0, "rank of the LoRA adapters (0 = no LoRA: every weight trains)", rule="non_negative")
     lora_alpha: float = setting(16.0, "LoRA's update is scaled by lora_alpha / lora_rank", rule="positive_number")
     lora_targets: str = setting(",".join(LORA_TARGETS), "the matrices of each block that get adapters (comma-separated)")
     lora_also_train: str = setting("", "with LoRA, also train the parameters whose names contain one of these (e.g. ln_,bias)")
     # batch: total_batch_size = micro_batch_size * block_size * world_size * grad_accum_steps
-    total_batch_size: int = setting(524_288, "tokens per optimizer step, over all GPUs (2^19 ~ 0.5M, as GPT-3 small)", rule="positive")
-    micro_batch_size: int = setting(64, "sequences per forward/backward on each GPU (lower it if you run out of memory)", rule="positive")
+    total_batch_size: int = setting(524_288, "tokens per optimizer step, over all GPUs (2^19 ~ 0.5M, as GPT-3 small)",
+                                    rule="positive")
+    micro_batch_size: int = setting(64, "sequences per forward/backward on each GPU (lower it if you run out of memory)",
+                                    rule="positive")
     # optimizer and schedule
     optimizer: str = setting("adamw", "adamw: AdamW for every weight (GPT-3's recipe); muon: Muon for the matrices "
                              "inside the blocks, AdamW for the rest", choices=("adamw", "muon"))
@@ -1052,21 +1056,26 @@ class TrainConfig:
     muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay", rule="non_negative_number")
     schedule: str = setting("cosine", "cosine: warmup, then a cosine to min_lr_ratio (GPT-3); wsd: warmup, constant, "
                             "then a linear decay over the last decay_frac of the steps", choices=("cosine", "wsd"))
-    decay_frac: float = setting(0.4, "wsd: the fraction of max_steps over which the learning rate decays", rule="fraction")
+    decay_frac: float = setting(0.4, "wsd: the fraction of max_steps over which the learning rate decays",
+                                rule="fraction")
     min_lr_ratio: float = setting(0.1, "the schedule ends at each peak learning rate x this", rule="fraction")
     warmup_steps: int = setting(715, "linear warmup (375M tokens, as GPT-3)", rule="non_negative")
-    max_steps: int = setting(19_073, "optimizer steps (19,073 x 2^19 = 10B tokens, one epoch of FineWeb-Edu 10B)", rule="positive")
-    weight_decay: float = setting(0.1, "AdamW weight decay, on 2-D weights only (not biases, LayerNorms)", rule="non_negative_number")
+    max_steps: int = setting(19_073, "optimizer steps (19,073 x 2^19 = 10B tokens, one epoch of FineWeb-Edu 10B)",
+                             rule="positive")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on 2-D weights only (not biases, LayerNorms)",
+                                  rule="non_negative_number")
     beta1: float = setting(0.9, "AdamW beta1", rule="beta")
     beta2: float = setting(0.95, "AdamW beta2", rule="beta")
     eps: float = setting(1e-8, "AdamW epsilon", rule="positive_number")
-    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)", rule="non_negative_number")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)",
+                               rule="non_negative_number")
     max_bad_steps: int = setting(5, "stop after this many non-finite losses/gradients in a row", rule="positive")
     # evaluation and samples
     eval_interval: int = setting(250, "steps between val loss / HellaSwag evaluations (0 = never)", rule="non_negative")
     hellaswag: bool = setting(True, "evaluate HellaSwag every eval_interval (needs hellaswag.py's data)")
     hellaswag_data: str = setting("", "path of hellaswag_val.jsonl (default: $HELLASWAG_DATA, else download)")
-    hellaswag_limit: int = setting(0, "evaluate only the first N HellaSwag examples (0 = all 10,042)", rule="non_negative")
+    hellaswag_limit: int = setting(0, "evaluate only the first N HellaSwag examples (0 = all 10,042)",
+                                   rule="non_negative")
     sample_interval: int = setting(250, "steps between printed samples (0 = never)", rule="non_negative")
     num_samples: int = setting(4, "samples printed each time", rule="positive")
     sample_tokens: int = setting(32, "tokens per sample", rule="positive")
@@ -1075,10 +1084,12 @@ class TrainConfig:
     log_dir: str = setting("log", "run folder: log.txt, train_config.json, checkpoints")
     tensorboard: bool = setting(False, "also write log.txt's streams and the samples for TensorBoard, in log_dir/tensorboard")
     print_settings: bool = setting(False, "print every setting at the start (they are always saved in train_config.json)")
-    checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)", rule="positive")
+    checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)",
+                                       rule="positive")
     keep_checkpoints: int = setting(3, "keep the newest K checkpoints", rule="positive")
     resume: bool = setting(False, "continue from the newest checkpoint in log_dir (starts fresh if there is none)")
-    stop_after_step: int = setting(0, "stop with a checkpoint after this many steps, as if preempted (0 = run to max_steps)", rule="non_negative")
+    stop_after_step: int = setting(0, "stop with a checkpoint after this many steps, as if preempted (0 = run to max_steps)",
+                                   rule="non_negative")
     overwrite: bool = setting(False, "delete an earlier run's log and checkpoints in log_dir and start over")
     # system
     device: str = setting("auto", "auto (cuda > mps > cpu) | cuda | cuda:N | mps | cpu")
@@ -1086,7 +1097,8 @@ class TrainConfig:
                          choices=("auto", "bfloat16", "float16", "float32"))
     compile: str = setting("auto", "torch.compile the model (auto: on for CUDA)", choices=("auto", "on", "off"))
     seed: int = setting(1337, "seed of the model init")
-    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)", rule="non_negative_number")
+    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)",
+                                rule="non_negative_number")
 
 
 PRESETS = {
@@ -1915,9 +1927,9 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
                 t0 = time.time()
                 prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
                 generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
-                with autocast:
+                with autocast:  # the decode step compiles to a CUDA graph on GPUs; a CPU gains nothing from it
                     samples = model.generate(prompt, config.sample_tokens, top_k=50, generator=generator,
-                                             compile_step=use_compile, progress=True)
+                                             compile_step=use_compile and device_type == "cuda", progress=True)
                 texts = [enc.decode(row) for row in samples.tolist()]
                 for i, text in enumerate(texts):
                     say(f"sample {i}: {text!r}")

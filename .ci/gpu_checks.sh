@@ -1,30 +1,109 @@
 #!/usr/bin/env bash
-# Every GPU-only check in one call, for a machine with a CUDA GPU (torch >= 2.11 installed there).
-# Run from the repo root:  bash .ci/gpu_checks.sh [path/to/hellaswag_val.jsonl]   (results under $OUT or ./gpu_results)
-# It checks: bf16 autocast + torch.compile + fused AdamW + NCCL under torchrun in a real (short) training
-# run with eval, HellaSwag and sampling; then measures the 124M train step (compile on and off), HellaSwag
-# on the full val set, and sampling, each next to Hugging Face's GPT-2 (bench.py).
+# Every GPU-only check and measurement, for a machine with a CUDA GPU (torch >= 2.11 installed there).
+# Run from the repo root; results go under $OUT (or ./gpu_results):
+#
+#   bash .ci/gpu_checks.sh [hellaswag_val.jsonl] [shard folder]
+#
+# The shard folder holds FineWeb tokens made here by fineweb.py (the GPU machine has no `datasets` and no
+# internet), e.g. from the 2,800-document sample:
+#   python fineweb.py --input ../shared/data/fineweb_legal_sample.jsonl --out_dir .gpu/legal_shards \
+#       --shard_size 2000000 --val_tokens 262144
+# PARTS picks what runs (default: all), so that the whole set fits two calls of 10 minutes:
+#   PARTS="correctness run" bash .ci/gpu_checks.sh ...   then   PARTS="bench memory recipe" bash .ci/gpu_checks.sh ...
+#   correctness  compiled bf16 runs under torchrun (NCCL) with eval, HellaSwag, compiled sampling (CUDA
+#                graphs), checkpoint and resume: the default recipe, the fast one (Muon + WSD), LoRA; fp16
+#   run          the real 124M step (B=64, T=1024, 2^19 tokens/step, bf16, compile) on real shards,
+#                AdamW and Muon: tok/s, MFU, Muon's cost per step
+#   bench        bench.py: ours vs HF (train step, HellaSwag, sampling) and each optimisation on vs off
+#                (chunked loss incl. peak memory, compiled decode step), compile on and off, B=16 and 64
+#   memory       peak memory of full vs LoRA fine-tuning: 124M and 350M (GPT-2 medium's shape), T=1024, bf16
+#   recipe       recipe_proxy.py at the 124M shape on the shards: default vs fast at equal tokens
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 HELLASWAG=${1:-${HELLASWAG_DATA:-}}
+SHARDS=${2:-}
+PARTS=" ${PARTS:-correctness run bench memory recipe} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TIKTOKEN_CACHE_DIR=$(mktemp -d)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)} TIKTOKEN_CACHE_DIR=$(mktemp -d)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } 2>&1 | tee "$OUT/hardware.txt"
 hella_flags=(--no-hellaswag)
 [ -n "$HELLASWAG" ] && hella_flags=(--hellaswag --hellaswag_limit 512 --hellaswag_data "$HELLASWAG")
+work=$(mktemp -d)
 
-echo "== 1. a short compiled bf16 run under torchrun (NCCL), with eval, HellaSwag, samples, checkpoint, resume"
-run_dir=$(mktemp -d)
-torchrun --standalone --nproc_per_node=1 train_gpt2.py --preset shakespeare --device cuda --compile on \
-  --max_steps 60 --eval_interval 20 --sample_interval 30 --log_dir "$run_dir/log" --stop_after_step 30 "${hella_flags[@]}" 2>&1 | tee "$OUT/train_short.txt"
-torchrun --standalone --nproc_per_node=1 train_gpt2.py --preset shakespeare --device cuda --compile on \
-  --max_steps 60 --eval_interval 20 --sample_interval 30 --log_dir "$run_dir/log" --resume "${hella_flags[@]}" 2>&1 | tee -a "$OUT/train_short.txt"
-cp "$run_dir/log/log.txt" "$OUT/train_short_log.txt"
+if part correctness; then
+  short=(--preset shakespeare --device cuda --compile on --max_steps 60 --eval_interval 20 --sample_interval 30)
+  echo "== correctness 1: the default recipe, compiled bf16 under torchrun (NCCL): eval, HellaSwag, samples, stop, resume"
+  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" --log_dir "$work/default" --stop_after_step 30 "${hella_flags[@]}" 2>&1 | tee "$OUT/train_default.txt"
+  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" --log_dir "$work/default" --resume "${hella_flags[@]}" 2>&1 | tee -a "$OUT/train_default.txt"
+  cp "$work/default/log.txt" "$OUT/train_default_log.txt"
 
-echo "== 2. 124M train step, HellaSwag and sampling, ours vs HF GPT-2"
-hb=(--hellaswag_limit 0)
-[ -n "$HELLASWAG" ] && hb=(--hellaswag_limit 10042 --hellaswag_batch 32 --hellaswag_data "$HELLASWAG")
-python bench.py --model 124M --device cuda --batch_size 16 --compile on "${hb[@]}" --json "$OUT/bench_124M_compile.json" 2>&1 | tee "$OUT/bench_124M_compile.txt"
-python bench.py --model 124M --device cuda --batch_size 16 --compile off --hellaswag_limit 0 --json "$OUT/bench_124M_eager.json" 2>&1 | tee "$OUT/bench_124M_eager.txt"
-python bench.py --model 124M --device cuda --batch_size 64 --compile on --skip sample,hellaswag --json "$OUT/bench_124M_B64.json" 2>&1 | tee "$OUT/bench_124M_B64.txt"
+  echo "== correctness 2: the fast recipe (Muon + WSD), compiled bf16, stop and resume"
+  fast=(--optimizer muon --schedule wsd --muon_lr 0.02 --max_lr 6e-3 --min_lr_ratio 0)
+  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" "${fast[@]}" --log_dir "$work/fast" --stop_after_step 30 --no-hellaswag 2>&1 | tee "$OUT/train_fast.txt"
+  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" "${fast[@]}" --log_dir "$work/fast" --resume --no-hellaswag 2>&1 | tee -a "$OUT/train_fast.txt"
+
+  echo "== correctness 3: LoRA on a GPT-2-shaped model (random weights: no hub here), compiled bf16; sample.py --compare; validate.py"
+  python -c "from train_gpt2 import GPT, GPTConfig; GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256)).save_hf('$work/base')"
+  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" --init_from "$work/base" --lora_rank 8 --max_lr 1e-3 \
+    --log_dir "$work/lora" --no-hellaswag 2>&1 | tee "$OUT/train_lora.txt"
+  python sample.py --init_from "$work/lora" --compare "$work/base" --compile on --max_new_tokens 64 --num_samples 2 \
+    --prompt "ROMEO:" --eval_text data/tinyshakespeare.txt --eval_tokens 20000 2>&1 | tee "$OUT/sample_compare.txt"
+  python validate.py "$work/lora" --device cuda 2>&1 | tee "$OUT/validate_lora.txt"
+
+  echo "== correctness 4: float16 with the gradient scaler, eager"
+  python train_gpt2.py --preset shakespeare --device cuda --compile off --dtype float16 --max_steps 25 --eval_interval 5 \
+    --sample_interval 0 --log_dir "$work/fp16" 2>&1 | tee "$OUT/train_fp16.txt"
+fi
+
+if part run; then
+  if [ -z "$SHARDS" ]; then
+    echo "== run: skipped (no shard folder given)"
+  else
+    echo "== run: the real 124M step on real shards (B=64, T=1024, 2^19 tokens/step, bf16, compile), AdamW then Muon"
+    for optimizer in adamw muon; do
+      torchrun --standalone --nproc_per_node=1 train_gpt2.py --data_dir "$SHARDS" --optimizer "$optimizer" --max_steps 25 \
+        --eval_interval 0 --no-hellaswag --sample_interval 0 --checkpoint_interval 1000 --val_tokens 65536 \
+        --log_dir "$work/run_$optimizer" 2>&1 | tee "$OUT/run_124M_$optimizer.txt"
+      cp "$work/run_$optimizer/log.txt" "$OUT/run_124M_${optimizer}_log.txt"
+    done
+    python - "$OUT" <<'EOF' | tee "$OUT/run_124M_summary.txt"
+import statistics, sys
+from pathlib import Path
+from train_gpt2 import read_log
+for optimizer in ("adamw", "muon"):
+    log = read_log(Path(sys.argv[1]) / f"run_124M_{optimizer}_log.txt")
+    tok_s = [v for step, v in log["tok_s"].items() if step >= 5]  # after compile and warm-up
+    mfu = [v for step, v in log.get("mfu", {}).items() if step >= 5]
+    print(f"{optimizer}: median {statistics.median(tok_s):,.0f} tok/s over steps 5-24"
+          + (f", MFU {100 * statistics.median(mfu):.1f}%" if mfu else ""))
+EOF
+  fi
+fi
+
+if part bench; then
+  echo "== bench: 124M, ours vs HF and each optimisation on/off"
+  hb=(--hellaswag_limit 0)
+  [ -n "$HELLASWAG" ] && hb=(--hellaswag_limit 10042 --hellaswag_batch 32 --hellaswag_data "$HELLASWAG")
+  python bench.py --model 124M --device cuda --batch_size 16 --compile on --skip finetune "${hb[@]}" --json "$OUT/bench_124M_compile.json" 2>&1 | tee "$OUT/bench_124M_compile.txt"
+  python bench.py --model 124M --device cuda --batch_size 16 --compile off --skip hellaswag,decode,finetune --json "$OUT/bench_124M_eager.json" 2>&1 | tee "$OUT/bench_124M_eager.txt"
+  python bench.py --model 124M --device cuda --batch_size 64 --compile on --skip sample,hellaswag,decode,finetune --json "$OUT/bench_124M_B64.json" 2>&1 | tee "$OUT/bench_124M_B64.txt"
+fi
+
+if part memory; then
+  echo "== memory: full vs LoRA fine-tuning, T=1024, bf16"
+  python bench.py --model 124M --device cuda --batch_size 16 --skip train,loss,hellaswag,sample,decode --json "$OUT/finetune_124M.json" 2>&1 | tee "$OUT/finetune_124M.txt"
+  python bench.py --model 350M --device cuda --batch_size 8 --skip train,loss,hellaswag,sample,decode --json "$OUT/finetune_350M.json" 2>&1 | tee "$OUT/finetune_350M.txt"
+fi
+
+if part recipe; then
+  if [ -z "$SHARDS" ]; then
+    echo "== recipe: skipped (no shard folder given)"
+  else
+    echo "== recipe: default vs fast at the 124M shape on the shards, equal tokens"
+    python recipe_proxy.py --device cuda --shards "$SHARDS" --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 \
+      --total_batch_size 65536 --micro_batch_size 16 --max_steps 60 --val_tokens 262144 --seeds 0 --fractions 0.5 \
+      --json "$OUT/recipe_124M.json" 2>&1 | tee "$OUT/recipe_124M.txt"
+  fi
+fi
