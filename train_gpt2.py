@@ -145,8 +145,8 @@ class GPTConfig:
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # width of the residual stream
     # Round the embedding table up to a multiple of this: 64 gives 50304 rows, and matmuls whose sizes
-    # are multiples of 64 run markedly faster on GPUs. The extra rows are tokens that never occur; the
-    # model learns to give them ~zero probability, and sampling never looks at them.
+    # are multiples of 64 run markedly faster on GPUs. The extra rows are tokens that never occur: the
+    # loss, the logits and sampling all leave them out (GPT.forward).
     vocab_pad_multiple: int = 1
 
     @property
