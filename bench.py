@@ -264,6 +264,12 @@ def main(argv=None):
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1")
     if args.warmup < 0 or args.hellaswag_limit < 0:
         raise UserError("--warmup and --hellaswag_limit must be 0 or more")
+    if args.block_size < 16:
+        raise UserError(f"--block_size {args.block_size} must be at least 16 (the sampling part's prompts are 10 tokens)")
+    if args.lora_rank < 1:
+        raise UserError(f"--lora_rank {args.lora_rank} must be at least 1")
+    if not args.peak_flops >= 0 or args.peak_flops == float("inf"):
+        raise UserError(f"--peak_flops {args.peak_flops} must be a finite number, 0 (look it up) or more")
     unknown = set(filter(None, args.skip.split(","))) - set(PARTS)
     if unknown:
         raise UserError(f"--skip {args.skip}: {', '.join(sorted(unknown))} is not a part ({', '.join(PARTS)})")

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import ArgumentParser, UserError, get_tokenizer, load_model, pick_device, run_main
+from train_gpt2 import ArgumentParser, UserError, encode_prompt, get_tokenizer, load_model, pick_device, run_main
 
 
 def parse_args(argv=None):
@@ -48,6 +48,8 @@ def parse_args(argv=None):
         raise UserError(f"--top_k {args.top_k} must be 0 (no limit) or more")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top_p {args.top_p} must be above 0 and at most 1")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed} must be between 0 and 2^63 - 1")
     return args
 
 
@@ -55,7 +57,7 @@ def read_eval_text(path) -> list[int]:
     """The tokens of a text file (opened by <|endoftext|>, as a document in training), checked up front."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--eval_text {path} does not exist")
+        raise UserError(f"--eval_text {path} {'is a folder, not a text file' if path.is_dir() else 'does not exist'}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -91,7 +93,7 @@ def main(argv=None):
     device = pick_device(args.device)
     eval_tokens = read_eval_text(args.eval_text) if args.eval_text else None  # a bad file fails before any model loads
     enc = get_tokenizer()
-    prompt = enc.encode(args.prompt) if args.prompt else [enc.eot_token]
+    prompt = encode_prompt(args.prompt)  # '' is <|endoftext|>: the start of a document
     compile_step = args.compile == "on" or (args.compile == "auto" and device.startswith("cuda"))
     references = [args.init_from] + ([args.compare] if args.compare else [])
     labels = ["A", "B"] if args.compare else [""]

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -79,6 +80,8 @@ def progress_bar(iterable=None, enabled=True, desc="", **kwargs):
 
 def check_writable(path, flag: str) -> None:
     """Fail now, not after an hour of work, if a result cannot be written to `path`."""
+    if Path(path).expanduser().is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name")
     folder = Path(path).expanduser().parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,6 +132,12 @@ def get_tokenizer() -> tiktoken.Encoding:
     )
 
 
+def encode_prompt(text: str) -> list[int]:
+    """A prompt's tokens. "<|endoftext|>" in it is the special token (a document boundary), and an empty
+    prompt is that token alone: a model starts a document from it."""
+    return get_tokenizer().encode(text, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. The model
 #
@@ -166,11 +175,15 @@ class KVCache:
     into the compiled step as a constant.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device="cpu"):
-        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = self.v = None  # allocated on first use, in the dtype the model computes in (bf16 under autocast)
+    def __init__(self, config: GPTConfig, batch_size: int, device="cpu", dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # dtype: what the model computes in (bf16 under autocast)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens cached so far
         self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
+        if self.k.is_cuda:  # tell torch.compile these tensors keep their address: a CUDA graph writes to them
+            for tensor in (self.k, self.v, self.length):
+                torch._dynamo.mark_static_address(tensor)
 
     def step(self, T: int):
         """Make room for T new tokens: (their positions (T,), the attention mask (T, block_size))."""
@@ -181,13 +194,6 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Write this layer's new keys/values (B, nh, T, hs) into their slots; return all slots (B, nh, block_size, hs)."""
-        if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-            if k.is_cuda:  # tell torch.compile these tensors keep their address: a CUDA graph may write to them
-                torch._dynamo.mark_static_address(self.k)
-                torch._dynamo.mark_static_address(self.v)
-                torch._dynamo.mark_static_address(self.length)
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]
@@ -266,7 +272,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, want_grad_x: bool, want_grad_weight: bool):
         # x (rows, C), weight (padded_vocab, C), targets (rows,). No gradient is computed that nobody wants:
-        # none in evaluation, none for a frozen weight (LoRA fine-tuning, section 3).
+        # none in evaluation, none for a frozen weight (LoRA fine-tuning, section 5).
         rows = x.size(0)
         padded = torch.arange(weight.size(0), device=x.device) >= vocab_size  # the padded vocab columns
         loss_sum = torch.zeros((), device=x.device)
@@ -486,9 +492,6 @@ class GPT(nn.Module):
     def save_hf(self, out_dir) -> None:
         """Write a Hugging Face GPT-2 directory (weights, config, tokenizer): it loads with
         GPT2LMHeadModel.from_pretrained(out_dir), in pipelines and in lm-evaluation-harness."""
-        import json
-        import shutil
-
         with quiet_transformers():
             self.to_hf().save_pretrained(out_dir)
         # GPT-2's tokenizer in Hugging Face's file format (vocab.json + merges.txt), from the vendored
@@ -513,6 +516,15 @@ class GPT(nn.Module):
     # launches: the GPU waits for Python. compile_step=True compiles the one-token step (fixed shapes,
     # thanks to the static KV cache) and, on CUDA, captures it as a CUDA graph that replays all its
     # kernels in one launch. It compiles once per batch size, and pays off over many tokens.
+
+    def empty_kv_cache(self, batch_size: int, device, dtype) -> KVCache:
+        """A static KV cache, emptied. The last one is kept and reused for the same batch size: a decode
+        step captured as a CUDA graph is then replayed by the next generate(), not captured again."""
+        cache = getattr(self, "_kv_cache", None)
+        if cache is None or cache.k.shape[1] != batch_size or cache.k.device != device or cache.k.dtype != dtype:
+            cache = self._kv_cache = KVCache(self.config, batch_size, device, dtype)
+        cache.length.zero_()  # what the slots still hold is masked until written again
+        return cache
 
     def decode_step(self, token, kv_cache):
         """One new token per row, after the cached ones: (B, 1) -> logits of the next token (B, 1, vocab)."""
@@ -548,7 +560,9 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # all written in place
         tokens[:, :T] = idx
-        kv_cache = KVCache(self.config, B, idx.device) if use_kv_cache else None
+        device_type = idx.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.lm_head.weight.dtype
+        kv_cache = self.empty_kv_cache(B, idx.device, dtype) if use_kv_cache else None
         step = self.compiled_decode_step(idx.device.type) if compile_step else self.decode_step
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         n = T  # tokens so far
@@ -762,6 +776,20 @@ def find_latest_checkpoint(run_dir) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def newest_readable_checkpoint(run_dir, set_aside=False) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of a run folder that loads, and its contents. One that does not (a disk
+    that failed, a copy cut short) is named on stderr and skipped; set_aside renames it *.unreadable,
+    so that nothing takes it for the newest again (the training run does this, rank 0 only)."""
+    for path in sorted(Path(run_dir).glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print(f"warning: {e}; using the checkpoint before it", file=sys.stderr)
+            if set_aside:
+                os.replace(path, path.with_name(path.name + ".unreadable"))
+    return None, None
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint written by this script. weights_only=True: a checkpoint downloaded from
     someone else cannot run code on load."""
@@ -812,15 +840,22 @@ def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: b
     return merge_lora(model) if merge else model
 
 
+def resolve_reference(reference: str) -> str:
+    """A run folder -> its newest readable checkpoint file; anything else as it is."""
+    path = Path(reference)
+    if path.is_dir() and not (path / "config.json").exists():  # a run folder (an HF dir has config.json)
+        checkpoint, _ = newest_readable_checkpoint(path)
+        if checkpoint is None:
+            raise UserError(f"{reference} holds no readable {CHECKPOINT_GLOB} checkpoint and is not a Hugging Face directory")
+        return str(checkpoint)
+    return reference
+
+
 def load_pretrained(reference: str, vocab_pad_multiple: int = 1) -> GPT:
     """The model a reference names, on the CPU: a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face
     directory (its vocab padded to vocab_pad_multiple), a checkpoint file, or a run folder (its newest
     checkpoint). model.source says what was loaded, for the user."""
-    path = Path(reference)
-    if path.is_dir() and not (path / "config.json").exists():  # a run folder: its newest checkpoint
-        path = find_latest_checkpoint(path)
-        if path is None:
-            raise UserError(f"{reference} holds no {CHECKPOINT_GLOB} checkpoints and is not a Hugging Face directory")
+    path = Path(resolve_reference(reference))
     if path.is_file() or path.suffix == ".pt":
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, source=str(path))
@@ -1167,6 +1202,8 @@ def parse_config(argv=None) -> TrainConfig:
         parser.set_defaults(**PRESETS[preset])
     args = vars(parser.parse_args(argv))
     args.pop("preset")
+    for name in ("lora_targets", "lora_also_train"):  # "a, b" and "a,b" are the same list
+        args[name] = ",".join(split_list(args[name]))
     config = TrainConfig(**args)
     # The flags on the command line (not a preset's or the defaults): some only make sense with others.
     explicit = {a[2:].split("=")[0].removeprefix("no-") for a in argv if a.startswith("--")}
@@ -1195,8 +1232,17 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
         raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if config.sample_interval and len(get_tokenizer().encode(config.sample_prompt)) >= config.block_size:
-        raise UserError(f"--sample_prompt is {len(get_tokenizer().encode(config.sample_prompt))} tokens: it must be "
+    if config.resume and config.overwrite:
+        raise UserError("--resume continues the run in --log_dir and --overwrite deletes it: give one of them")
+    if len(set(split_list(config.lora_targets))) < len(split_list(config.lora_targets)):
+        raise UserError(f"--lora_targets {config.lora_targets!r} names a matrix twice")
+    muon_flags = sorted(explicit & {"muon_lr", "muon_momentum", "muon_weight_decay"})
+    if config.optimizer != "muon" and muon_flags:
+        raise UserError(f"--{muon_flags[0]} has no effect without --optimizer muon")
+    if config.schedule != "wsd" and "decay_frac" in explicit:
+        raise UserError("--decay_frac has no effect without --schedule wsd")
+    if config.sample_interval and len(encode_prompt(config.sample_prompt)) >= config.block_size:
+        raise UserError(f"--sample_prompt is {len(encode_prompt(config.sample_prompt))} tokens: it must be "
                         f"shorter than --block_size {config.block_size}")
 
 
@@ -1277,30 +1323,33 @@ def set_lr(optimizers, factor: float) -> None:
 # Only weights that produced a finite step are saved. Loaded with weights_only=True.
 
 
-def rng_states(device: str) -> dict:
+def rng_states(device: str, ddp: bool = False) -> dict:
+    """Every random generator's state. Under DDP every rank must call it: each GPU's generator is
+    gathered, in rank order (training itself draws nothing on the GPU: no dropout; samples have their
+    own generator; but an extension of this file might)."""
+    cuda = [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else []
+    if ddp and cuda:
+        cuda = [None] * dist.get_world_size()
+        dist.all_gather_object(cuda, torch.cuda.get_rng_state(device))
     np_state = np.random.get_state(legacy=False)
     return dict(
         python=random.getstate(),
         numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)), pos=np_state["state"]["pos"],
                    has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
         torch=torch.get_rng_state(),
-        # This GPU's generator only: training draws no random numbers on the GPU (no dropout; samples
-        # have their own generator), so every rank restores rank 0's, on any number of GPUs.
-        cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
+        cuda=cuda,
     )
 
 
-def set_rng_states(states: dict, device: str) -> None:
+def set_rng_states(states: dict, device: str, rank: int = 0) -> None:
     random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
     n = states["numpy"]
     np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
                              has_gauss=n["has_gauss"], gauss=n["gauss"]))
     torch.set_rng_state(states["torch"])
-    cuda = states.get("cuda")
-    if isinstance(cuda, list):  # checkpoints of earlier versions saved every visible GPU's
-        cuda = cuda[0] if cuda else None
-    if device.startswith("cuda") and cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+    cuda = states.get("cuda") or []
+    if device.startswith("cuda") and cuda:  # each rank its own; on more GPUs than were saved, the last one's
+        torch.cuda.set_rng_state(cuda[min(rank, len(cuda) - 1)], device)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -1325,7 +1374,8 @@ def tensor_bytes(obj) -> int:
 
 
 def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
-                    val_loss, scaler, device: str, progress=False) -> Path:
+                    val_loss, scaler, rng: dict, keep: Path | None = None, progress=False) -> Path:
+    """Write log_dir/ckpt_{step}.pt, then delete all but the newest keep_checkpoints (never `keep`)."""
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     checkpoint = dict(
@@ -1336,7 +1386,7 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: Tr
         scaler=scaler.state_dict() if scaler.is_enabled() else None,
         step=step,  # optimizer steps completed
         loader=loader.state_dict(),
-        rng=rng_states(device),
+        rng=rng,
         config=asdict(config),
         val_loss=val_loss,
     )
@@ -1360,19 +1410,9 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: Tr
         raise UserError(f"could not write checkpoint {path}: {reason}. Nothing was lost: free space (or fix the "
                         f"folder), then add --resume to continue from {previous or 'the start'}") from e
     for old in sorted(log_dir.glob(CHECKPOINT_GLOB))[: -config.keep_checkpoints]:
-        old.unlink()
+        if old != keep:
+            old.unlink()
     return path
-
-
-def newest_readable_checkpoint(log_dir: Path, say=print) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint of a run folder that loads, and its contents. One that does not (a disk
-    that failed, a copy cut short) is named, and the one before it is used."""
-    for path in sorted(log_dir.glob(CHECKPOINT_GLOB), reverse=True):
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:
-            say(f"warning: {e}; trying the checkpoint before it")
-    return None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1612,7 +1652,12 @@ def open_run_dir(config: TrainConfig, master: bool, say) -> tuple[RunLock | None
         for stale in log_dir.glob("ckpt_*.pt.tmp"):  # a save cut short by a kill or a full disk
             stale.unlink()
     if config.resume:
-        path, checkpoint = newest_readable_checkpoint(log_dir, say)
+        path, checkpoint = newest_readable_checkpoint(log_dir, set_aside=master)
+        if path is None and (log_dir / "log.txt").exists():
+            if lock:
+                lock.release()
+            raise UserError(f"{log_dir}/ holds a run's log but no checkpoint to resume from: add --overwrite (instead "
+                            "of --resume) to start over there, or choose another --log_dir")
         if path is None:
             say(f"--resume: no checkpoint in {log_dir}/, starting a new run")
         return lock, path, checkpoint
@@ -1629,8 +1674,9 @@ def open_run_dir(config: TrainConfig, master: bool, say) -> tuple[RunLock | None
 
 def clear_earlier_run(log_dir: Path) -> None:
     """--overwrite, once everything else is known to be fine: the earlier run's log and checkpoints go."""
-    for path in list(log_dir.glob(CHECKPOINT_GLOB)) + list(log_dir.glob("ckpt_*.pt.nonfinite")) + [log_dir / "log.txt"]:
+    for path in list(log_dir.glob(CHECKPOINT_GLOB)) + list(log_dir.glob("ckpt_*.pt.*")) + [log_dir / "log.txt"]:
         path.unlink(missing_ok=True)
+    shutil.rmtree(log_dir / "tensorboard", ignore_errors=True)
 
 
 # What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
@@ -1642,7 +1688,7 @@ FIXED_ON_RESUME = ("init_from", "block_size", "n_layer", "n_head", "n_embd", "vo
 
 def compare_with_saved_run(config: TrainConfig, saved: dict, say) -> None:
     """Refuse a change --resume cannot honour; print the ones it applies."""
-    ignored = ("resume", "overwrite", "stop_after_step")
+    ignored = ("resume", "overwrite", "stop_after_step", "seed")  # seed: the model comes from the checkpoint
     changed = {k: (saved[k], v) for k, v in asdict(config).items() if k in saved and saved[k] != v and k not in ignored}
     for name in FIXED_ON_RESUME:
         if name in changed:
@@ -1660,16 +1706,19 @@ def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
     if checkpoint is not None:  # resuming: the architecture (and LoRA adapters) come from the checkpoint
         return model_from_checkpoint(checkpoint, source="the resumed checkpoint", merge=False)
     if config.init_from == "scratch":
-        if config.n_embd % config.n_head:
-            raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
         return GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
                              n_embd=config.n_embd, vocab_pad_multiple=config.vocab_pad_multiple))
-    model = load_pretrained(config.init_from, config.vocab_pad_multiple)
+    # A run folder means its newest checkpoint *now*: a LoRA run records that file, not the folder.
+    reference = resolve_reference(config.init_from)
+    model = load_pretrained(reference, config.vocab_pad_multiple)
     if config.lora_rank:
-        path = Path(config.init_from)  # where to find the base again: an absolute path, or a GPT-2 name
-        base = dict(base=str(path.resolve()) if path.exists() else config.init_from,
-                    base_fingerprint=weights_fingerprint(model))
+        path = Path(reference)  # where to find the base again: an absolute path, or a GPT-2 name
+        base = dict(base=str(path.resolve()) if path.exists() else reference, base_fingerprint=weights_fingerprint(model))
         targets, also_train = split_list(config.lora_targets), split_list(config.lora_also_train)
+        names = [name for name, _ in model.named_parameters()]
+        unmatched = [fragment for fragment in also_train if not any(fragment in name for name in names)]
+        if unmatched:
+            raise UserError(f"--lora_also_train {unmatched[0]!r} matches no parameter (their names look like {names[2]})")
         add_lora(model, config.lora_rank, config.lora_alpha, targets, also_train)
         model.lora = dict(rank=config.lora_rank, alpha=config.lora_alpha, targets=targets, also_train=also_train, **base)
     return model
@@ -1847,7 +1896,7 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
         if checkpoint.get("scaler") is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_states(checkpoint["rng"], device)
+        set_rng_states(checkpoint["rng"], device, rank)
         start_step, val_loss = checkpoint["step"], checkpoint["val_loss"]
         del checkpoint
 
@@ -1925,7 +1974,7 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
 
             if master and config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
                 t0 = time.time()
-                prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
+                prompt = torch.tensor([encode_prompt(config.sample_prompt)] * config.num_samples, device=device)
                 generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
                 with autocast:  # the decode step compiles to a CUDA graph on GPUs; a CPU gains nothing from it
                     samples = model.generate(prompt, config.sample_tokens, top_k=50, generator=generator,
@@ -1972,20 +2021,22 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
             if peak_flops:
                 log(step, "mfu", f"{flops_per_step / dt / (peak_flops * world_size):.4f}")
 
-            stop_now = torch.tensor(float(stop.requested), device=device)
+            stop_requested = torch.tensor(float(stop.requested), device=device)
             if ddp:  # every rank must stop at the same step, or the others would wait forever
-                dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
-            stop_now = bool(stop_now.item()) or step + 1 == config.stop_after_step
-            if master and (last_step or stop_now or (step + 1) % config.checkpoint_interval == 0):
-                if bad_steps:  # weights that gave a non-finite step are never saved (nor rotate good ones out)
-                    say(f"no checkpoint after step {step}: its loss was not finite (last good: {last_good or 'none'})")
+                dist.all_reduce(stop_requested, op=dist.ReduceOp.MAX)
+            stop_now = bool(stop_requested.item()) or step + 1 == config.stop_after_step
+            if last_step or stop_now or (step + 1) % config.checkpoint_interval == 0:
+                finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
+                if bad_steps or not finite:  # such weights are never saved (nor rotate good checkpoints out)
+                    say(f"no checkpoint after step {step}: its loss or weights are not finite (last good: {last_good or 'none'})")
                 else:
                     t0 = time.time()
-                    path = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config, val_loss, scaler,
-                                           device, progress=True)
+                    rng = rng_states(device, ddp)  # every rank takes part: each GPU's generator is saved
+                    if master:  # the last good checkpoint stays until this one has proved good too
+                        unconfirmed = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config,
+                                                      val_loss, scaler, rng, keep=last_good, progress=True)
+                        say(f"saved {unconfirmed}")
                     seconds["checkpoint"] = time.time() - t0
-                    unconfirmed = path
-                    say(f"saved {path}")
             if stop_now:
                 break
         say(run_summary(config, model, step + 1, step + 1 - start_step, time.time() - started, val_loss, acc_norm,
@@ -2008,10 +2059,10 @@ def stop_on_bad_steps(bad_steps: int, step: int, last_good: Path | None, unconfi
         if master:
             os.replace(unconfirmed, aside)
         note = f" ({unconfirmed.name}, saved just before, led straight into them: renamed {aside.name})"
-    raise UserError(
-        f"{bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: {last_good or 'none'}"
-        f"{note}. Try a lower --max_lr (or --dtype bfloat16/float32) with --resume, which starts from it"
-    )
+    advice = ("Try a lower --max_lr (or --dtype bfloat16/float32) with --resume, which starts from it" if last_good else
+              "Start over with --overwrite and a lower --max_lr (or --dtype bfloat16/float32)")
+    raise UserError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: "
+                    f"{last_good or 'none'}{note}. {advice}")
 
 
 def main(argv=None):

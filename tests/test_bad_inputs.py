@@ -61,7 +61,10 @@ def files(tmp_path_factory, shakespeare_shards, shared_data):
         a_file=root / "a_file",
         hf=root / "hf",
         earlier=root / "earlier_run",
+        log_only=root / "log_only",
     )
+    paths["log_only"].mkdir()
+    (paths["log_only"] / "log.txt").write_text("0 train 10.9\n")  # a run killed before its first checkpoint
     paths["binary"].write_bytes(bytes(range(256)) * 4)
     paths["bad_utf8_jsonl"].write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     paths["fake_parquet"].write_text("PAR1 this is a text file pretending to be parquet")
@@ -130,6 +133,11 @@ CASES = {
     "lora rank above the layer": ("train", lambda f: train_args(f, "--init_from", f["hf"], "--lora_rank", "40"), ["--lora_rank 40", "32"]),
     "lora on an unknown matrix": ("train", lambda f: train_args(f, "--init_from", f["hf"], "--lora_rank", "4", "--lora_targets", "attn.q"), ["--lora_targets", "attn.q"]),
     "lora with muon": ("train", lambda f: train_args(f, "--init_from", f["hf"], "--lora_rank", "4", "--optimizer", "muon"), ["--optimizer muon", "LoRA"]),
+    "lora on a matrix twice": ("train", lambda f: train_args(f, "--init_from", f["hf"], "--lora_rank", "4", "--lora_targets", "attn.c_attn, attn.c_attn"), ["--lora_targets", "twice"]),
+    "lora_also_train matching nothing": ("train", lambda f: train_args(f, "--init_from", f["hf"], "--lora_rank", "4", "--lora_also_train", "lnf_typo"), ["--lora_also_train", "lnf_typo"]),
+    "muon_lr without muon": ("train", lambda f: train_args(f, "--muon_lr", "0.05"), ["--muon_lr", "--optimizer muon"]),
+    "decay_frac without wsd": ("train", lambda f: train_args(f, "--decay_frac", "0.2"), ["--decay_frac", "--schedule wsd"]),
+    "resume and overwrite at once": ("train", lambda f: train_args(f, "--resume", "--overwrite"), ["--resume", "--overwrite"]),
     # ... files
     "no data": ("train", lambda f: train_args(f, "--data_dir", f["a_file"].parent / "nowhere"), ["nowhere", "fineweb.py"]),
     "truncated shard": ("train", lambda f: train_args(f, "--data_dir", f["truncated"]), ["x_train_000001.npy", "truncated"]),
@@ -147,6 +155,7 @@ CASES = {
     "overwrite with bad HellaSwag data": ("train", lambda f: train_args(f, "--overwrite", "--hellaswag", "--hellaswag_data", f["bad_hellaswag"], log_dir=f["earlier"]), ["hellaswag_bad.jsonl", "line 2"]),
     "resume with another model size": ("train", lambda f: train_args(f, "--resume", "--n_layer", "3", log_dir=f["earlier"]), ["--n_layer", "--resume"]),
     "resume on other data": ("train", lambda f: train_args(f, "--resume", "--data_dir", f["smaller"], "--max_steps", "3", log_dir=f["earlier"]), ["train shards", "saved run"]),
+    "resume a log without checkpoints": ("train", lambda f: train_args(f, "--resume", log_dir=f["log_only"]), ["no checkpoint", "--overwrite"]),
     # sample.py
     "top_p 0": ("sample", lambda f: ["--init_from", f["hf"], "--top_p", "0"], ["--top_p 0"]),
     "top_p 1.5": ("sample", lambda f: ["--init_from", f["hf"], "--top_p", "1.5"], ["--top_p 1.5"]),
@@ -156,6 +165,8 @@ CASES = {
     "num_samples 0": ("sample", lambda f: ["--init_from", f["hf"], "--num_samples", "0"], ["--num_samples 0"]),
     "eval_text missing": ("sample", lambda f: ["--init_from", f["hf"], "--eval_text", f["a_file"].parent / "notes.txt"], ["notes.txt"]),
     "eval_text not text": ("sample", lambda f: ["--init_from", f["hf"], "--eval_text", f["binary"]], ["binary.txt", "UTF-8"]),
+    "sample seed too large": ("sample", lambda f: ["--init_from", f["hf"], "--seed", str(2**70)], ["--seed"]),
+    "eval_text a folder": ("sample", lambda f: ["--init_from", f["hf"], "--eval_text", f["hf"]], ["--eval_text", "folder"]),
     "sample compile maybe": ("sample", lambda f: ["--init_from", f["hf"], "--compile", "maybe"], ["--compile", "maybe"]),
     "sample from a broken checkpoint": ("sample", lambda f: ["--init_from", f["binary"]], ["binary.txt"]),
     # hellaswag.py
@@ -182,6 +193,10 @@ CASES = {
     "bench skip a typo": ("bench", lambda f: ["--model", "tiny", "--skip", "trian"], ["--skip", "trian"]),
     "bench json cannot be written": ("bench", lambda f: ["--model", "tiny", "--json", f["a_file"] / "b.json"], ["--json", "b.json"]),
     "bench model size typo": ("bench", lambda f: ["--model", "125M"], ["--model", "125M"]),
+    "bench json a folder": ("bench", lambda f: ["--model", "tiny", "--json", f["hf"]], ["--json", "folder"]),
+    "bench block_size 8": ("bench", lambda f: ["--model", "tiny", "--block_size", "8"], ["--block_size 8"]),
+    "bench lora_rank 0": ("bench", lambda f: ["--model", "tiny", "--lora_rank", "0"], ["--lora_rank 0"]),
+    "bench peak_flops nan": ("bench", lambda f: ["--model", "tiny", "--peak_flops", "nan"], ["--peak_flops nan"]),
 }
 
 

@@ -243,6 +243,8 @@ def test_tokenizer_matches_tiktoken_offline(shared_data):
     enc = t.get_tokenizer()
     assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [t.EOT_TOKEN]
+    # Prompts: the special token is one token there, and an empty prompt starts a document.
+    assert t.encode_prompt("Hi<|endoftext|>Hi") == [17250, t.EOT_TOKEN, 17250] and t.encode_prompt("") == [t.EOT_TOKEN]
     assert enc.n_vocab == 50257
     reference = tiktoken.get_encoding("gpt2")  # from the cache copy set up in conftest.py, no network
     import json

@@ -33,24 +33,22 @@ def test_one_run_per_folder_and_a_killed_run_leaves_no_lock(shakespeare_shards, 
 
 
 def test_non_finite_steps_never_reach_a_checkpoint_and_the_named_one_trains_on(shakespeare_shards, tmp_path):
-    """A checkpoint whose weights lead straight into non-finite steps (here, one poisoned by hand):
-    the run stops after --max_bad_steps, writes no checkpoint meanwhile, puts that checkpoint aside and
-    names the last good one, from which --resume trains on exactly like a run that never broke."""
+    """A learning rate of 1e38 from step 8 on: step 8 is still finite, but its update breaks the weights,
+    and steps 9 and 10 are not. The run stops after --max_bad_steps, writes no checkpoint from broken
+    weights, keeps the last good one although it keeps only one, puts the one saved after step 8 aside
+    and names the good one, from which --resume trains on exactly like a run that never broke."""
     train(shakespeare_shards, tmp_path / "straight", "--max_steps", "12", "--checkpoint_interval", "4")
     run_dir = tmp_path / "run"
     train(shakespeare_shards, run_dir, "--max_steps", "12", "--checkpoint_interval", "4", "--stop_after_step", "8")
-    checkpoint = t.load_checkpoint(run_dir / "ckpt_000008.pt")
-    checkpoint["model"]["transformer.wpe.weight"][3] = float("nan")
-    torch.save(checkpoint, run_dir / "ckpt_000008.pt")
-
     result = run_script(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", run_dir, *TINY, "--max_steps", "12",
-                        "--resume", "--max_bad_steps", "2", "--checkpoint_interval", "1", "--keep_checkpoints", "1")
-    last = assert_one_line_error(result, "2 non-finite steps in a row at step 9", f"Last good checkpoint: {run_dir / 'ckpt_000004.pt'}")
-    assert "ckpt_000008.pt.nonfinite" in last and "no checkpoint after step 8" in result.stdout
-    assert sorted(p.name for p in run_dir.glob("ckpt_*")) == ["ckpt_000004.pt", "ckpt_000008.pt.nonfinite"]
+                        "--resume", "--max_lr", "1e38", "--max_bad_steps", "2", "--checkpoint_interval", "1",
+                        "--keep_checkpoints", "1")
+    last = assert_one_line_error(result, "2 non-finite steps in a row at step 10", f"Last good checkpoint: {run_dir / 'ckpt_000008.pt'}")
+    assert "ckpt_000009.pt.nonfinite" in last and "no checkpoint after step 9" in result.stdout
+    assert sorted(p.name for p in run_dir.glob("ckpt_*")) == ["ckpt_000008.pt", "ckpt_000009.pt.nonfinite"]
 
     train(shakespeare_shards, run_dir, "--max_steps", "12", "--checkpoint_interval", "4", "--resume")
-    assert read_log(run_dir, "train") == read_log(tmp_path / "straight", "train")  # bitwise, steps 4 to 11 again
+    assert read_log(run_dir, "train") == read_log(tmp_path / "straight", "train")  # bitwise, steps 8 to 11 again
 
 
 def test_a_full_disk_during_a_save_loses_nothing(shakespeare_shards, tmp_path):
@@ -61,10 +59,10 @@ def test_a_full_disk_during_a_save_loses_nothing(shakespeare_shards, tmp_path):
     optimizers = t.configure_optimizers(model, config, "cpu")
     loader = t.TrainLoader(shakespeare_shards, 2, 32)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    first = t.save_checkpoint(tmp_path, 1, model, optimizers, loader, config, None, scaler, "cpu")
+    first = t.save_checkpoint(tmp_path, 1, model, optimizers, loader, config, None, scaler, t.rng_states("cpu"))
     (tmp_path / "ckpt_000002.pt.tmp").symlink_to("/dev/full")
     with pytest.raises(t.UserError, match=f"no space left on the device.*--resume to continue from {first}"):
-        t.save_checkpoint(tmp_path, 2, model, optimizers, loader, config, None, scaler, "cpu")
+        t.save_checkpoint(tmp_path, 2, model, optimizers, loader, config, None, scaler, t.rng_states("cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000001.pt"]
     assert t.load_checkpoint(first)["step"] == 1
 
@@ -76,10 +74,14 @@ def test_resume_skips_an_unreadable_checkpoint_and_a_stale_temp_file(shakespeare
     newest = run_dir / "ckpt_000008.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
     (run_dir / "ckpt_000009.pt.tmp").write_bytes(b"half a save")  # a save cut short by a kill
+    assert t.load_model(str(run_dir)).source.startswith(str(run_dir / "ckpt_000004.pt"))  # sample.py & co. skip it too
     result = train(shakespeare_shards, run_dir, "--max_steps", "12", "--checkpoint_interval", "4", "--resume")
-    assert "ckpt_000008.pt is unreadable" in result.stdout and f"resuming from {run_dir / 'ckpt_000004.pt'}" in result.stdout
+    assert "ckpt_000008.pt is unreadable" in result.stderr and f"resuming from {run_dir / 'ckpt_000004.pt'}" in result.stdout
     assert read_log(run_dir, "train") == read_log(tmp_path / "straight", "train")
     assert not list(run_dir.glob("*.tmp"))
+    # Set aside, so that it is never taken for the newest again (nor keeps a good one from being kept).
+    assert sorted(p.name for p in run_dir.glob("ckpt_*")) == ["ckpt_000004.pt", "ckpt_000008.pt", "ckpt_000008.pt.unreadable",
+                                                              "ckpt_000012.pt"]
 
 
 def test_resume_applies_and_prints_changed_settings(shakespeare_shards, tmp_path):
