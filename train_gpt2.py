@@ -1146,7 +1146,7 @@ PRESETS = {
         max_lr=6e-3,
         schedule="wsd",
         warmup_steps=250,
-        decay_frac=0.4,
+        decay_frac=0.2,
         min_lr_ratio=0.0,
         max_steps=8000,  # 4.2B tokens: our estimate of what reaches GPT-2's val loss and HellaSwag
     ),

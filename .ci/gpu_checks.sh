@@ -2,7 +2,7 @@
 # Every GPU-only check and measurement, for a machine with a CUDA GPU (torch >= 2.11 installed there).
 # Run from the repo root; results go under $OUT (or ./gpu_results):
 #
-#   bash .ci/gpu_checks.sh [hellaswag_val.jsonl] [shard folder]
+#   bash .ci/gpu_checks.sh [hellaswag_val.jsonl] [shard folder] [documents.jsonl]
 #
 # The shard folder holds FineWeb tokens made here by fineweb.py (the GPU machine has no `datasets` and no
 # internet), e.g. from the 2,800-document sample:
@@ -17,12 +17,14 @@
 #   bench        bench.py: ours vs HF (train step, HellaSwag, sampling) and each optimisation on vs off
 #                (chunked loss incl. peak memory, compiled decode step), compile on and off, B=16 and 64
 #   memory       peak memory of full vs LoRA fine-tuning: 124M and 350M (GPT-2 medium's shape), T=1024, bf16
-#   recipe       recipe_proxy.py at the 124M shape on the shards: default vs fast at equal tokens
+#   recipe       recipe_proxy.py at the 124M shape on documents.jsonl (e.g. ../shared/data/fineweb_legal_sample.jsonl,
+#                its last 8% held out): default vs fast at equal tokens, and the fast recipe's token speedup
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 HELLASWAG=${1:-${HELLASWAG_DATA:-}}
 SHARDS=${2:-}
+DOCS=${3:-}
 PARTS=" ${PARTS:-correctness run bench memory recipe} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 failures=()
@@ -133,12 +135,12 @@ if part memory; then
 fi
 
 if part recipe; then
-  if [ -z "$SHARDS" ]; then
-    echo "== recipe: skipped (no shard folder given)"
+  if [ -z "$DOCS" ]; then
+    echo "== recipe: skipped (no documents.jsonl given)"
   else
-    echo "== recipe: default vs fast at the 124M shape on the shards, equal tokens"
-    python recipe_proxy.py --device cuda --shards "$SHARDS" --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 \
-      --total_batch_size 65536 --micro_batch_size 16 --max_steps 60 --val_tokens 262144 --seeds 0 --fractions 0.5 \
+    echo "== recipe: default vs fast at the 124M shape on real documents, equal tokens (bf16, eager)"
+    python recipe_proxy.py --device cuda --data "$DOCS" --work_dir "$work/proxy" --n_layer 12 --n_head 12 --n_embd 768 \
+      --block_size 1024 --total_batch_size 65536 --micro_batch_size 16 --max_steps 60 --val_tokens 262144 --seeds 0 \
       --json "$OUT/recipe_124M.json" 2>&1 | tee "$OUT/recipe_124M.txt" || fail recipe_124M.json
   fi
 fi
