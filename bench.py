@@ -194,8 +194,6 @@ def finetune_step_memory(config_kwargs: dict, args_kwargs: dict, device: str, dt
     """Peak memory (GiB) of fine-tuning steps: every weight (lora_rank 0) or LoRA adapters only. On a
     GPU, torch's allocator peak; on a CPU, the peak resident memory of this process, which runs alone
     (bench.py starts it fresh for each case, so the two share no allocations)."""
-    import resource
-
     from train_gpt2 import add_lora
 
     config, dtype = GPTConfig(**config_kwargs), getattr(torch, dtype_name)
@@ -209,7 +207,21 @@ def finetune_step_memory(config_kwargs: dict, args_kwargs: dict, device: str, dt
         train_step(model, optimizers, lambda: (x, x), 1, autocast, 1.0, scaler, ddp=False)
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_gib()
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory. On Linux, VmHWM: ru_maxrss would be no good, since Linux
+    carries the parent's peak over fork + exec, so a spawned child would report bench.py's own peak."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / 2**30 if sys.platform == "darwin" else maxrss / 2**20  # bytes on macOS, KiB elsewhere
 
 
 def bench_finetune(config, args, device, dtype, lora_rank: int) -> float:

@@ -175,3 +175,20 @@ def test_a_lora_run_resumes_exactly_runs_under_ddp_and_its_checkpoint_works_ever
     hellaswag = run_script("hellaswag.py", "--model", run, "--data", shared_data / "hellaswag_val.jsonl", "--limit", "8")
     assert hellaswag.returncode == 0 and "acc_norm" in hellaswag.stdout, hellaswag.stderr
     train(shakespeare_shards, tmp_path / "again", "--init_from", run, "--max_steps", "1")  # a run folder, into a full fine-tune
+
+
+def test_lora_fine_tuning_takes_less_memory_than_full_fine_tuning():
+    """bench.py's memory figure, each case in a fresh process: LoRA keeps no gradients and no optimizer
+    moments for the frozen weights, so its peak is lower by about 3 x the block weights (4 x 512 wide:
+    12.6M weights, 150 MB). The spawned processes must report their own peaks, not this one's."""
+    import types
+
+    import bench
+
+    config = t.GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=512)
+    args = types.SimpleNamespace(batch_size=2)
+    ballast = torch.ones(2**28)  # 1 GiB here, in the parent, that neither child may count
+    full = bench.bench_finetune(config, args, "cpu", torch.float32, lora_rank=0)
+    lora = bench.bench_finetune(config, args, "cpu", torch.float32, lora_rank=8)
+    assert 0.1 < full - lora < 0.25 and full < 1.0, (full, lora)  # GiB
+    del ballast
