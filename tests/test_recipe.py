@@ -11,8 +11,8 @@ import recipe_proxy
 # while at 16 steps of 1,024 Muon's own part is 0.43-0.46, so a broken Muon fails this test.
 SHORT = ["--total_batch_size", 1024, "--micro_batch_size", 8, "--max_steps", 16, "--val_tokens", 8192]
 # default's val loss - fast's, measured with SHORT at seeds 0, 1, 2 (one thread):
-#   --preset fast as it is (decay_frac 0.4):  1.904, 1.956, 1.908
-#   the same with decay_frac 0.2:             1.919, 1.967, 1.914
+#   --preset fast with decay_frac 0.4:        1.904, 1.956, 1.908
+#   --preset fast as it is (decay_frac 0.2):  1.919, 1.967, 1.914
 #   with Muon switched off (muon_lr 1e-12):   1.477, 1.507, 1.449
 # The margin sits between the last two groups: 0.2 below every working recipe, 0.2 above every one
 # whose block matrices do not train.
