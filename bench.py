@@ -83,15 +83,9 @@ class HFPeer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# What is measured: our GPT as it trains by default; the same with one optimisation switched off, to
-# show what that optimisation does; and Hugging Face's GPT-2 as the peer.
-IMPLS = {
-    "ours": "ours",
-    "ours_plain_loss": "ours, the plain loss (full logits, F.cross_entropy) instead of LinearCrossEntropy",
-    "hf": "transformers.GPT2LMHeadModel",
-}
-
-
+# What is measured (impl): "ours", our GPT as it trains by default; "ours_plain_loss", the same with the
+# plain loss (full logits, F.cross_entropy) instead of LinearCrossEntropy, to show what that does; and
+# "hf", Hugging Face's GPT-2 as the peer.
 def build(impl: str, config: GPTConfig, device: str) -> nn.Module:
     torch.manual_seed(0)
     model = HFPeer(config) if impl == "hf" else GPT(config)
@@ -190,19 +184,18 @@ def bench_hellaswag(impl, config, args, device, dtype) -> float | None:
     return len(examples) / (time.perf_counter() - t0)
 
 
-def finetune_step_memory(config_kwargs: dict, args_kwargs: dict, device: str, dtype_name: str, lora_rank: int) -> float:
+def finetune_step_memory(config: GPTConfig, batch_size: int, device: str, dtype: torch.dtype, lora_rank: int) -> float:
     """Peak memory (GiB) of fine-tuning steps: every weight (lora_rank 0) or LoRA adapters only. On a
     GPU, torch's allocator peak; on a CPU, the peak resident memory of this process, which runs alone
     (bench.py starts it fresh for each case, so the two share no allocations)."""
     from train_gpt2 import add_lora
 
-    config, dtype = GPTConfig(**config_kwargs), getattr(torch, dtype_name)
     model = build("ours", config, device)
     if lora_rank:
         add_lora(model, lora_rank, alpha=2.0 * lora_rank)
     optimizers = configure_optimizers(model, TrainConfig(), device.split(":")[0])
     autocast, scaler = mixed_precision(device, dtype)
-    x = torch.randint(0, config.vocab_size, (args_kwargs["batch_size"], config.block_size), device=device)
+    x = torch.randint(0, config.vocab_size, (batch_size, config.block_size), device=device)
     for _ in range(3):  # the optimizer's moments appear at the first step
         train_step(model, optimizers, lambda: (x, x), 1, autocast, 1.0, scaler, ddp=False)
     if device.startswith("cuda"):
@@ -226,12 +219,10 @@ def peak_rss_gib() -> float:
 
 def bench_finetune(config, args, device, dtype, lora_rank: int) -> float:
     """finetune_step_memory in a fresh process (spawned: it imports nothing of this one's state)."""
-    import dataclasses
     import multiprocessing
 
-    call = (dataclasses.asdict(config), dict(batch_size=args.batch_size), device, str(dtype).removeprefix("torch."), lora_rank)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(finetune_step_memory, call)
+        return pool.apply(finetune_step_memory, (config, args.batch_size, device, dtype, lora_rank))
 
 
 def free_memory(device):
@@ -282,7 +273,8 @@ def main(argv=None):
         raise UserError(f"--lora_rank {args.lora_rank} must be at least 1")
     if not args.peak_flops >= 0 or args.peak_flops == float("inf"):
         raise UserError(f"--peak_flops {args.peak_flops} must be a finite number, 0 (look it up) or more")
-    unknown = set(filter(None, args.skip.split(","))) - set(PARTS)
+    skip = set(filter(None, args.skip.split(",")))
+    unknown = skip - set(PARTS)
     if unknown:
         raise UserError(f"--skip {args.skip}: {', '.join(sorted(unknown))} is not a part ({', '.join(PARTS)})")
     if args.json:
@@ -291,7 +283,6 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype, device)
     args.compile = "on" if args.compile == "on" or (args.compile == "auto" and device.startswith("cuda")) else "off"
     config = GPTConfig(block_size=args.block_size, vocab_pad_multiple=args.vocab_pad_multiple, **SIZES[args.model])
-    skip = set(filter(None, args.skip.split(",")))
     hardware = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{device} ({torch.get_num_threads()} threads)"
     print(f"{args.model} (B={args.batch_size}, T={args.block_size}) on {hardware}, torch {torch.__version__}, "
           f"{str(dtype).replace('torch.', '')}, compile {args.compile}")

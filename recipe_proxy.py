@@ -263,18 +263,28 @@ def time_optimizer_steps(args, repeats: int = 30) -> dict:
     """Seconds per optimizer step of each recipe on the proxy's model (random gradients), timed in
     alternation so that other work on the machine slows both alike. Muon's own cost, free of the
     noise of whole training steps: its Newton-Schulz iterations are a few small matmuls per matrix."""
+    defaults = train_gpt2.TrainConfig()
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                                                n_embd=args.n_embd, vocab_pad_multiple=64))
+                                                n_embd=args.n_embd, vocab_pad_multiple=defaults.vocab_pad_multiple))
+    model.to(args.device)  # where the runs train: the overhead is a ratio to their step time
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    optimizers = {name: train_gpt2.configure_optimizers(model, train_gpt2.TrainConfig(optimizer=name), "cpu")
+    device_type = args.device.split(":")[0]
+    optimizers = {name: train_gpt2.configure_optimizers(model, train_gpt2.TrainConfig(optimizer=name), device_type)
                   for name in ("adamw", "muon")}
     seconds = {name: [] for name in optimizers}
+
+    def sync():  # a GPU runs the step after Python returns: time the work, not its launch
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(repeats):
         for name, group in optimizers.items():
+            sync()
             started = time.perf_counter()
             for optimizer in group:
                 optimizer.step()
+            sync()
             seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(values[1:]) for name, values in seconds.items()}  # [1:]: the state is created
 
@@ -415,14 +425,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--val_fraction must be between 0 and 1, --warmup_frac at least 0 and below 1")
     if not Path(args.data).exists():
         raise UserError(f"--data {args.data} not found: pass the FineWeb sample (or any .jsonl of documents)")
+    args.device = train_gpt2.pick_device(args.device)  # "auto" resolved; a device that does not exist here refused
+    if args.json:
+        train_gpt2.check_writable(args.json, "--json")  # fail now, not after the runs
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the runs
     data_dir = prepare_data(args.data, args.work_dir, args.val_fraction)
     print(f"data: {data_dir}; runs in {Path(args.work_dir) / 'runs'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)

@@ -44,7 +44,8 @@ if part correctness; then
   cp "$work/default/log.txt" "$OUT/train_default_log.txt" || fail train_default_log
 
   echo "== correctness 2: the fast recipe (Muon + WSD), compiled bf16, stop and resume"
-  fast=(--optimizer muon --schedule wsd --muon_lr 0.02 --max_lr 6e-3 --min_lr_ratio 0)
+  # --preset fast's recipe, on the short run's steps and warmup
+  fast=($(python -c 'from train_gpt2 import PRESETS; print(" ".join(f"--{k} {v}" for k, v in PRESETS["fast"].items() if k not in ("max_steps", "warmup_steps")))'))
   torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" "${fast[@]}" --log_dir "$work/fast" --stop_after_step 30 --no-hellaswag 2>&1 | tee "$OUT/train_fast.txt" || fail train_fast.txt
   torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" "${fast[@]}" --log_dir "$work/fast" --resume --no-hellaswag 2>&1 | tee -a "$OUT/train_fast.txt" || fail train_fast.txt
 

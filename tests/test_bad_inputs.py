@@ -16,12 +16,13 @@ from conftest import TINY, train
 import bench
 import fineweb
 import hellaswag
+import recipe_proxy
 import sample
 import train_gpt2 as t
 import validate
 
 SCRIPTS = {"train": t.main, "sample": sample.main, "hellaswag": hellaswag.main, "fineweb": fineweb.main,
-           "validate": validate.main, "bench": bench.main}
+           "validate": validate.main, "bench": bench.main, "recipe_proxy": recipe_proxy.main}
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +198,8 @@ CASES = {
     "bench block_size 8": ("bench", lambda f: ["--model", "tiny", "--block_size", "8"], ["--block_size 8"]),
     "bench lora_rank 0": ("bench", lambda f: ["--model", "tiny", "--lora_rank", "0"], ["--lora_rank 0"]),
     "bench peak_flops nan": ("bench", lambda f: ["--model", "tiny", "--peak_flops", "nan"], ["--peak_flops nan"]),
+    "recipe_proxy device tpu": ("recipe_proxy", lambda f: ["--data", f["hf"], "--device", "tpu"], ["--device tpu"]),
+    "recipe_proxy json a folder": ("recipe_proxy", lambda f: ["--data", f["hf"], "--json", f["hf"]], ["--json", "folder"]),
 }
 
 
