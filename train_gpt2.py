@@ -1677,7 +1677,7 @@ def open_run_dir(config: TrainConfig, master: bool, say) -> tuple[RunLock | None
         if path is None:
             say(f"--resume: no checkpoint in {log_dir}/, starting a new run")
         return lock, path, checkpoint
-    earlier = sorted(log_dir.glob(CHECKPOINT_GLOB))[-1:] + [p for p in (log_dir / "log.txt",) if p.exists()]
+    earlier = [p for p in (find_latest_checkpoint(log_dir), log_dir / "log.txt") if p is not None and p.exists()]
     if earlier and not config.overwrite:
         if lock:
             lock.release()
