@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import DATA_DIR, EOT_TOKEN, ArgumentParser, UserError, get_tokenizer, run_main
+from train_gpt2 import DATA_DIR, EOT_TOKEN, ArgumentParser, UserError, get_tokenizer, run_main, utf8_lines
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB of uint16, 100 shards for FineWeb-Edu 10B
 BATCH_CHARS = 1 << 18  # text per task sent to a worker: big enough to hide the IPC, small enough to balance
@@ -134,19 +134,14 @@ def _read_file(path: Path, text_field: str):
         if text:  # an empty file is no document, not an empty one
             yield text
     elif path.suffix == ".jsonl":
-        with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
-            for line_number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{path}:{line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{line_number}: not a JSON line ({e.msg})") from e
-                yield _text_of(record, text_field, where=f"{path}:{line_number}")
+        for line_number, line in utf8_lines(path):  # a bad byte is reported with its line
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_number}: not a JSON line ({e.msg})") from e
+            yield _text_of(record, text_field, where=f"{path}:{line_number}")
     else:
         import pyarrow.parquet  # comes with `datasets`; only needed for parquet inputs
 

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from train_gpt2 import (EOT_TOKEN, ArgumentParser, UserError, check_writable, get_tokenizer, load_model, progress_bar,
-                        run_main, setup_distributed)
+                        run_main, setup_distributed, utf8_lines)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The data
@@ -152,16 +152,11 @@ def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagExample]:
     if not path.is_file():
         raise UserError(f"HellaSwag data file {path} does not exist")
     examples = []
-    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
-        for line_number, raw in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-            if line.strip():  # tolerate blank lines (a trailing newline, a hand-edited file)
-                examples.append(render_example(*parse_line(line, where=f"{path} line {line_number}")))
+    for line_number, line in utf8_lines(path):  # a bad byte is reported with its line
+        if limit is not None and len(examples) >= limit:
+            break
+        if line.strip():  # tolerate blank lines (a trailing newline, a hand-edited file)
+            examples.append(render_example(*parse_line(line, where=f"{path} line {line_number}")))
     if not examples:
         raise UserError(f"{path} holds no HellaSwag examples")
     return examples

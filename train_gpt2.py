@@ -91,6 +91,17 @@ def check_writable(path, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from e
 
 
+def utf8_lines(path):
+    """(line number, line) of a text file, read as bytes and decoded line by line, so that a bad byte is
+    reported with the file and the line it is on."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{line_number}: line {line_number} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad flag reported the same way: one `error: ...` line, exit code 2. Flags must
     be spelled out (no --max for --max_steps), so a typo can't silently set another flag."""
