@@ -69,7 +69,11 @@ def test_ddp_on_two_cpu_processes_matches_one_process(shakespeare_shards, shared
         one, two = read_log(tmp_path / "one", stream), read_log(tmp_path / "two", stream)
         assert one.keys() == two.keys() and len(one) >= 2
         for step in one:
-            assert one[step] == pytest.approx(two[step], abs=1e-5)
+            # Muon orthogonalises each update in bfloat16 (torch.optim.Muon's Newton-Schulz iterations): a
+            # gradient summed in another order over two ranks, different in its last float32 bit, can round
+            # to another bf16 update, and the runs drift apart by up to ~5e-5 in 6 steps (measured on two
+            # machines: 0 and 4.5e-5). Ranks that did not average their gradients differ by ~1e-2.
+            assert one[step] == pytest.approx(two[step], abs=2e-4)
     assert read_log(tmp_path / "one", "train")[5] < read_log(tmp_path / "one", "train")[0]
 
 
