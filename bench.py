@@ -22,22 +22,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from train_gpt2 import (
-    GPT,
-    GPTConfig,
-    ArgumentParser,
-    TrainConfig,
-    UserError,
-    check_writable,
-    configure_optimizers,
-    flops_per_token,
-    mixed_precision,
-    peak_flops_for,
-    pick_device,
-    pick_dtype,
-    run_main,
-    train_step,
-)
+from plumbing import ArgumentParser, UserError, check_writable, peak_flops_for, pick_device, run_main
+from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizers, flops_per_token, mixed_precision, pick_dtype, train_step
 
 SIZES = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128),

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import DATA_DIR, EOT_TOKEN, ArgumentParser, UserError, get_tokenizer, run_main, utf8_lines
+from plumbing import ArgumentParser, UserError, run_main, utf8_lines
+from train_gpt2 import DATA_DIR, EOT_TOKEN, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB of uint16, 100 shards for FineWeb-Edu 10B
 BATCH_CHARS = 1 << 18  # text per task sent to a worker: big enough to hide the IPC, small enough to balance

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,8 +44,9 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from train_gpt2 import (EOT_TOKEN, ArgumentParser, UserError, check_writable, get_tokenizer, load_model, progress_bar,
-                        run_main, setup_distributed, utf8_lines)
+from plumbing import (ArgumentParser, UserError, check_writable, download, progress_bar, run_main, utf8_lines,
+                     write_json_atomically)
+from train_gpt2 import EOT_TOKEN, get_tokenizer, load_model, setup_distributed
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The data
@@ -58,29 +58,6 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 DATA_ENV_VAR = "HELLASWAG_DATA"  # a local copy of hellaswag_val.jsonl, when --data is not given
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / "hellaswag_cache"  # where the download is kept
 NUM_ENDINGS = 4
-
-
-def download(url: str, dest: Path) -> None:
-    """Download url to dest with a progress bar. The bytes go to a temporary file beside dest, renamed
-    once complete, so an interrupted download never leaves a truncated file that looks finished."""
-    import urllib.request
-
-    from tqdm import tqdm
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None  # None: tqdm counts without a total
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as progress:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    progress.update(len(chunk))
-        os.replace(partial, dest)  # atomic: dest is either absent or complete
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
 
 
 def find_hellaswag_data(data: str | None = None, cache_dir=DEFAULT_CACHE_DIR) -> Path:
@@ -342,14 +319,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     return args
-
-
-def write_json_atomically(path, result: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def timed_counts(model, examples, device, rank, world_size, **kwargs) -> tuple[dict, float]:

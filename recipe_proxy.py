@@ -49,8 +49,10 @@ from pathlib import Path
 import torch
 
 import fineweb
+import plumbing
 import train_gpt2
-from train_gpt2 import PRESETS, ArgumentParser, UserError, run_main
+from plumbing import ArgumentParser, UserError, run_main
+from train_gpt2 import PRESETS
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "fineweb_legal_sample.jsonl"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "gpt2_recipe_proxy"
@@ -128,7 +130,7 @@ def train_and_score(config: train_gpt2.TrainConfig, rerun: bool = False) -> dict
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "stdout.txt", "w") as out, contextlib.redirect_stdout(out):
         train_gpt2.train(config, ddp=False, rank=0, local_rank=0, world_size=1, device=config.device)
-    log = train_gpt2.read_log(log_dir / "log.txt")
+    log = plumbing.read_log(log_dir / "log.txt")
     # Step time from the loop's own tok/s (the optimizer step included, eval and checkpoints not).
     # The median skips the first step (allocator warm-up) and steps slowed by other work on the machine.
     step_seconds = [config.total_batch_size / tok_s for step, tok_s in log["tok_s"].items() if step > 0 or config.max_steps == 1]
@@ -138,7 +140,7 @@ def train_and_score(config: train_gpt2.TrainConfig, rerun: bool = False) -> dict
         tokens=config.max_steps * config.total_batch_size,
         wall_seconds=time.time() - started,
     )
-    for checkpoint in log_dir.glob(train_gpt2.CHECKPOINT_GLOB):  # ~90 MB each with the optimizer state
+    for checkpoint in log_dir.glob(plumbing.CHECKPOINT_GLOB):  # ~90 MB each with the optimizer state
         checkpoint.unlink()
     result_path.write_text(json.dumps(dict(config=asdict(config), result=result), indent=1))
     return result
@@ -373,7 +375,7 @@ def numbers(kind):
     """An argparse type: "1,2,3" -> [1, 2, 3]."""
     def parse(text):
         try:
-            return [kind(item) for item in train_gpt2.split_list(text)]
+            return [kind(item) for item in plumbing.split_list(text)]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
     return parse
@@ -425,9 +427,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--val_fraction must be between 0 and 1, --warmup_frac at least 0 and below 1")
     if not Path(args.data).exists():
         raise UserError(f"--data {args.data} not found: pass the FineWeb sample (or any .jsonl of documents)")
-    args.device = train_gpt2.pick_device(args.device)  # "auto" resolved; a device that does not exist here refused
+    args.device = plumbing.pick_device(args.device)  # "auto" resolved; a device that does not exist here refused
     if args.json:
-        train_gpt2.check_writable(args.json, "--json")  # fail now, not after the runs
+        plumbing.check_writable(args.json, "--json")  # fail now, not after the runs
     return args
 
 
@@ -444,7 +446,7 @@ def main(argv=None):
     else:
         summary = compare(args, data_dir)
         print_comparison(summary, args)
-    print(f"\n({train_gpt2.format_duration(time.time() - started)} in all)")
+    print(f"\n({plumbing.format_duration(time.time() - started)} in all)")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(settings=vars(args), warmup_steps=warmup_steps(args), **summary), indent=1))
         print(f"wrote {args.json}")

@@ -18,7 +18,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train_gpt2 import ArgumentParser, UserError, encode_prompt, get_tokenizer, load_model, pick_device, run_main
+from plumbing import ArgumentParser, UserError, pick_device, run_main
+from train_gpt2 import encode_prompt, get_tokenizer, load_model
 
 
 def parse_args(argv=None):

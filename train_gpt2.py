@@ -18,25 +18,17 @@ The story, in the order it is told below:
  11. the training loop: gradient accumulation, DDP, eval, HellaSwag, samples, logging
 """
 
-import argparse
 import base64
 import contextlib
-import errno
 import functools
 import importlib.util
 import json
 import math
 import os
-import random
-import re
 import shutil
-import signal
-import socket
 import statistics
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,70 +39,26 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:
-    import fcntl  # run-folder locks (section 11)
-except ImportError:  # Windows: runs go unlocked
-    fcntl = None
+from plumbing import (CHECKPOINT_GLOB, StopRequest, TensorBoard, UserError, check_rules, checkpoint_path,
+                     clear_earlier_run, compare_with_saved_run, eta_seconds, find_latest_checkpoint, format_duration,
+                     human, load_checkpoint, newest_readable_checkpoint, open_run_dir, parse_dataclass, peak_flops_for,
+                     pick_device, progress_bar, rng_states, rotate_checkpoints, run_main, save_checkpoint_file,
+                     set_rng_states, setting, split_list)
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
-class UserError(Exception):
-    """Bad input from the user (a missing file, a wrong size, a typo in a name).
-
-    Command-line entry points print it as one line that says what to do, never as a traceback.
-    """
 
 
-def run_main(main) -> None:
-    """Run a script's main(); a UserError ends it with `error: <message>` on stderr and exit code 1."""
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
 
 
-def progress_bar(iterable=None, enabled=True, desc="", **kwargs):
-    """tqdm with an ETA, on a terminal only: a log file gets the result lines, not a thousand redraws."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True, **kwargs)
 
 
-def check_writable(path, flag: str) -> None:
-    """Fail now, not after an hour of work, if a result cannot be written to `path`."""
-    if Path(path).expanduser().is_dir():
-        raise UserError(f"{flag} {path} is a folder: give a file name")
-    folder = Path(path).expanduser().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from e
 
 
-def utf8_lines(path):
-    """(line number, line) of a text file, read as bytes and decoded line by line, so that a bad byte is
-    reported with the file and the line it is on."""
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            try:
-                yield line_number, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{line_number}: line {line_number} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported the same way: one `error: ...` line, exit code 2. Flags must
-    be spelled out (no --max for --max_steps), so a typo can't silently set another flag."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -775,61 +723,14 @@ def merge_lora(model: GPT) -> GPT:
 # takes the same kind of model reference: a GPT-2 name, a Hugging Face directory, a checkpoint file
 # written by this script, or a run folder (its newest checkpoint).
 
-CHECKPOINT_GLOB = "ckpt_*.pt"  # run_dir/ckpt_000250.pt, ckpt_000500.pt, ...
 
 
-def pick_device(requested: str = "auto") -> str:
-    """'auto' picks cuda > mps > cpu; a device asked for by name must exist here."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", requested):
-        raise UserError(f"--device {requested} is not a device: use auto, cpu, mps, cuda or cuda:N")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: no CUDA GPU is visible here (try --device auto)")
-    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UserError("--device mps: Apple's MPS backend is not available here (try --device auto)")
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
-def find_latest_checkpoint(run_dir) -> Path | None:
-    """The newest checkpoint in a run folder (by step number in its name), or None."""
-    checkpoints = sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
-    return checkpoints[-1] if checkpoints else None
 
 
-def newest_readable_checkpoint(run_dir, set_aside=False) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint of a run folder that loads, and its contents. One that does not (a disk
-    that failed, a copy cut short) is named on stderr and skipped; set_aside renames it *.unreadable,
-    so that nothing takes it for the newest again (the training run does this, rank 0 only)."""
-    for path in sorted(Path(run_dir).glob(CHECKPOINT_GLOB), reverse=True):
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:
-            print(f"warning: {e}; using the checkpoint before it", file=sys.stderr)
-            if set_aside:
-                os.replace(path, path.with_name(path.name + ".unreadable"))
-    return None, None
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by this script. weights_only=True: a checkpoint downloaded from
-    someone else cannot run code on load."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, not a zip, pickled objects we refuse to load, ...
-        raise UserError(f"checkpoint {path} is unreadable (corrupt or truncated?): {type(e).__name__}") from e
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
-        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py (no 'model'/'model_config')")
-    return checkpoint
 
 
 def weights_fingerprint(model: nn.Module) -> float:
@@ -1067,21 +968,8 @@ class ValLoader:
 # FineWeb-Edu 10B, the numbers of the GPT-3 paper's "small" model (GPT-2 itself never published them).
 
 
-# What a setting may be. Every value is checked (check_config) before any work starts, and a bad one
-# is named in one line: `--max_steps 0` must not "train" on nothing, `--max_lr nan` must not run for
-# an hour of NaNs.
-RULES = {
-    "positive": (lambda v: v >= 1, "must be at least 1"),
-    "non_negative": (lambda v: v >= 0, "must be 0 or more"),
-    "positive_number": (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0"),
-    "non_negative_number": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number, 0 or more"),
-    "fraction": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
-    "beta": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
-}
 
 
-def setting(default, help: str, rule: str | None = None, choices: tuple | None = None):
-    return field(default=default, metadata=dict(help=help, rule=rule, choices=choices))
 
 
 @dataclass
@@ -1200,50 +1088,21 @@ PRESETS = {
 }
 
 
-def split_list(text: str) -> tuple[str, ...]:
-    """"a, b,c" -> ("a", "b", "c"): the comma-separated values of a flag."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def parse_config(argv=None) -> TrainConfig:
     """The command line, from TrainConfig's fields, checked. --preset NAME changes the defaults; flags win."""
-    def as_flag(name, value):
-        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
-
-    presets = "\n".join(f"  {name}: " + " ".join(as_flag(*kv) for kv in values.items()) for name, values in PRESETS.items())
-    parser = ArgumentParser(description="Train GPT-2. Every setting is a flag; see README.md.",
-                            epilog=f"presets (--preset NAME sets these; flags given beside it win):\n{presets}",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of settings (listed below)")
-    for f in fields(TrainConfig):
-        kind = f.type if isinstance(f.type, type) else type(f.default)
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"] + f" (default: {'on' if f.default else 'off'})")
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
-                                help=f.metadata["help"] + " (default: %(default)s)")
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    args = vars(parser.parse_args(argv))
-    args.pop("preset")
+    config, explicit = parse_dataclass(TrainConfig, argv, PRESETS, "Train GPT-2. Every setting is a flag; see README.md.")
     for name in ("lora_targets", "lora_also_train"):  # "a, b" and "a,b" are the same list
-        args[name] = ",".join(split_list(args[name]))
-    config = TrainConfig(**args)
+        setattr(config, name, ",".join(split_list(getattr(config, name))))
     # The flags on the command line (not a preset's or the defaults): some only make sense with others.
-    explicit = {a[2:].split("=")[0].removeprefix("no-") for a in argv if a.startswith("--")}
     check_config(config, explicit)
     return config
 
 
 def check_config(config: TrainConfig, explicit=frozenset()) -> None:
     """One UserError for the first bad setting, before any work starts."""
-    for f in fields(TrainConfig):
-        value, rule = getattr(config, f.name), f.metadata["rule"]
-        if rule and not RULES[rule][0](value):
-            raise UserError(f"--{f.name} {value} {RULES[rule][1]}")
+    check_rules(config)
     pick_device(config.device)  # a device that does not exist here
     if config.n_embd % config.n_head:
         raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
@@ -1350,54 +1209,12 @@ def set_lr(optimizers, factor: float) -> None:
 # Only weights that produced a finite step are saved. Loaded with weights_only=True.
 
 
-def rng_states(device: str, ddp: bool = False) -> dict:
-    """Every random generator's state. Under DDP every rank must call it: each GPU's generator is
-    gathered, in rank order (training itself draws nothing on the GPU: no dropout; samples have their
-    own generator; but an extension of this file might)."""
-    cuda = [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else []
-    if ddp and cuda:
-        cuda = [None] * dist.get_world_size()
-        dist.all_gather_object(cuda, torch.cuda.get_rng_state(device))
-    np_state = np.random.get_state(legacy=False)
-    return dict(
-        python=random.getstate(),
-        numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)), pos=np_state["state"]["pos"],
-                   has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
-        torch=torch.get_rng_state(),
-        cuda=cuda,
-    )
 
 
-def set_rng_states(states: dict, device: str, rank: int = 0) -> None:
-    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
-    n = states["numpy"]
-    np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
-                             has_gauss=n["has_gauss"], gauss=n["gauss"]))
-    torch.set_rng_state(states["torch"])
-    cuda = states.get("cuda") or []
-    if device.startswith("cuda") and cuda:  # each rank its own; on more GPUs than were saved, the last one's
-        torch.cuda.set_rng_state(cuda[min(rank, len(cuda) - 1)], device)
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in this folder durable (POSIX: the folder's entry is data too)."""
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
-def tensor_bytes(obj) -> int:
-    """Bytes of all the tensors in a (nested) dict/list: what a checkpoint will weigh, for its progress bar."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
@@ -1417,28 +1234,9 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: Tr
         config=asdict(config),
         val_loss=val_loss,
     )
-    path = log_dir / f"ckpt_{step:06d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        from tqdm import tqdm
-
-        with open(tmp, "wb") as f:
-            with tqdm.wrapattr(f, "write", total=tensor_bytes(checkpoint), desc=f"saving {path.name}", leave=False,
-                               disable=None if progress else True) as writer:  # GPT-2 XL: 19 GB to write
-                torch.save(checkpoint, writer)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
-        os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
-        fsync_dir(log_dir)  # and the new name is on disk before an older checkpoint is deleted
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        previous = find_latest_checkpoint(log_dir)
-        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        raise UserError(f"could not write checkpoint {path}: {reason}. Nothing was lost: free space (or fix the "
-                        f"folder), then add --resume to continue from {previous or 'the start'}") from e
-    for old in sorted(log_dir.glob(CHECKPOINT_GLOB))[: -config.keep_checkpoints]:
-        if old != keep:
-            old.unlink()
+    path = checkpoint_path(log_dir, step)
+    save_checkpoint_file(checkpoint, path, progress)
+    rotate_checkpoints(log_dir, config.keep_checkpoints, protect=keep)
     return path
 
 
@@ -1481,37 +1279,10 @@ def mixed_precision(device: str, dtype: torch.dtype):
     return autocast, scaler
 
 
-# Dense bf16/fp16 tensor-core peak FLOP/s from the datasheets. A GPU matches when every word of the key is
-# a word of its name, most specific first: "NVIDIA L40" is not an "L4", "NVIDIA H100 PCIe" not an SXM H100.
-PEAK_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-]
 
 
-def gpu_peak_flops(name: str) -> float | None:
-    """The peak of a GPU by its name (torch.cuda.get_device_name), or None if it is not in PEAK_FLOPS."""
-    words = set(re.split(r"[\s_-]+", name.upper()))
-    return next((flops for key, flops in PEAK_FLOPS if set(key.upper().split()) <= words), None)
 
 
-def peak_flops_for(device: str, dtype: torch.dtype) -> float | None:
-    """The accelerator's peak for MFU, or None where we don't know it (CPU, fp32, unknown GPUs):
-    better no MFU than a wrong one."""
-    if not device.startswith("cuda") or dtype == torch.float32:
-        return None
-    return gpu_peak_flops(torch.cuda.get_device_name(device))
 
 
 def flops_per_token(model: GPT, T: int) -> float:
@@ -1574,136 +1345,20 @@ def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progres
     return (loss_sum / token_count).item(), int(token_count.item())
 
 
-class StopRequest:
-    """SIGTERM (cloud preemption, SLURM, `kill`) or SIGINT (Ctrl-C): finish the current step, write a
-    checkpoint and exit 0. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step, with a checkpoint", flush=True)
-
-    def restore(self):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
-def read_log(path) -> dict[str, dict[int, float]]:
-    """{stream: {step: value}} from a run's log.txt (`step stream value` lines).
-
-    A resumed run appends and redoes the steps after its checkpoint, so the later line for a step wins.
-    A half-written last line (a run still writing) and lines that do not parse are left out; a skipped
-    update (`skipped nonfinite`) reads as nan.
-    """
-    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
-    lines.pop()  # "" when the file ends with a newline, else the line still being written
-    streams = {}
-    for line in lines:
-        try:
-            step, stream, value = line.split()
-            streams.setdefault(stream, {})[int(step)] = math.nan if value == "nonfinite" else float(value)
-        except ValueError:  # not three fields, or not numbers
-            continue
-    return streams
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def events_left(step: int, max_steps: int, interval: int, offset: int = 0, first: int = 0) -> int:
-    """How many of the steps after `step` do something every `interval` steps (at steps s with
-    (s + offset) % interval == 0, s >= first) or at the last step."""
-    if not interval or step >= max_steps - 1:
-        return 0
-    lo, hi = max(step + 1, first) + offset, max_steps - 1 + offset  # multiples of interval in [lo, hi]
-    return max(0, hi // interval - (lo - 1) // interval) + ((max_steps - 1 + offset) % interval != 0)
 
 
-def eta_seconds(step: int, config: TrainConfig, seconds: dict) -> float:
-    """The time left after `step`: the steps, and the evaluations, samples and checkpoints still due,
-    each at the time it took last (seconds: {"step", "eval", "sample", "checkpoint"})."""
-    n = config.max_steps
-    return ((n - step - 1) * seconds["step"]
-            + events_left(step, n, config.eval_interval) * seconds["eval"]
-            + events_left(step, n, config.sample_interval, first=1) * seconds["sample"]
-            + events_left(step, n, config.checkpoint_interval, offset=1) * seconds["checkpoint"])
 
 
-class RunLock:
-    """One run at a time in a run folder: an exclusive lock on log_dir/.lock, held while the run lives.
-    The OS lets go of it when the process ends, however it ends (kill -9 included), so a crashed run
-    never leaves its folder locked. (flock: Linux and macOS.)"""
-
-    def __init__(self, log_dir: Path):
-        self.file = open(log_dir / ".lock", "a+")
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
-            self.file.close()
-            raise UserError(f"{log_dir}/ is in use by another run ({owner}): wait for it to end, stop it, or "
-                            "choose another --log_dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self.file.flush()
-
-    def release(self):
-        self.file.close()
 
 
-def open_run_dir(config: TrainConfig, master: bool, say) -> tuple[RunLock | None, Path | None, dict | None]:
-    """Create and lock log_dir (rank 0); return (lock, the checkpoint to resume from, its contents).
-
-    Never mixes two runs: a folder that holds a run needs --resume or --overwrite. Deletes nothing:
-    --overwrite's deleting happens only once every setting has been checked (clear_earlier_run)."""
-    log_dir = Path(config.log_dir)
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--log_dir {log_dir} cannot be created: {e.strerror}") from e
-    lock = RunLock(log_dir) if master else None
-    if master:
-        for stale in log_dir.glob("ckpt_*.pt.tmp"):  # a save cut short by a kill or a full disk
-            stale.unlink()
-    if config.resume:
-        path, checkpoint = newest_readable_checkpoint(log_dir, set_aside=master)
-        if path is None and (log_dir / "log.txt").exists():
-            if lock:
-                lock.release()
-            raise UserError(f"{log_dir}/ holds a run's log but no checkpoint to resume from: add --overwrite (instead "
-                            "of --resume) to start over there, or choose another --log_dir")
-        if path is None:
-            say(f"--resume: no checkpoint in {log_dir}/, starting a new run")
-        return lock, path, checkpoint
-    earlier = [p for p in (find_latest_checkpoint(log_dir), log_dir / "log.txt") if p is not None and p.exists()]
-    if earlier and not config.overwrite:
-        if lock:
-            lock.release()
-        raise UserError(
-            f"{log_dir}/ already holds a run ({earlier[0].name}): add --resume to continue it, --overwrite to "
-            "start over, or choose another --log_dir"
-        )
-    return lock, None, None
 
 
-def clear_earlier_run(log_dir: Path) -> None:
-    """--overwrite, once everything else is known to be fine: the earlier run's log and checkpoints go."""
-    for path in list(log_dir.glob(CHECKPOINT_GLOB)) + list(log_dir.glob("ckpt_*.pt.*")) + [log_dir / "log.txt"]:
-        path.unlink(missing_ok=True)
-    shutil.rmtree(log_dir / "tensorboard", ignore_errors=True)
 
 
 # What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
@@ -1713,18 +1368,6 @@ FIXED_ON_RESUME = ("init_from", "block_size", "n_layer", "n_head", "n_embd", "vo
                    "data_seed", "optimizer")
 
 
-def compare_with_saved_run(config: TrainConfig, saved: dict, say) -> None:
-    """Refuse a change --resume cannot honour; print the ones it applies."""
-    ignored = ("resume", "overwrite", "stop_after_step", "seed")  # seed: the model comes from the checkpoint
-    changed = {k: (saved[k], v) for k, v in asdict(config).items() if k in saved and saved[k] != v and k not in ignored}
-    for name in FIXED_ON_RESUME:
-        if name in changed:
-            before, now = changed[name]
-            raise UserError(f"--{name} was {before!r} in the saved run and cannot change on --resume (now {now!r}): "
-                            "drop the flag, or start a new run in another --log_dir")
-    if changed:
-        say("resume: applying settings changed since the saved run: " +
-            ", ".join(f"--{k} {before!r} -> {now!r}" for k, (before, now) in changed.items()))
 
 
 def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
@@ -1751,27 +1394,6 @@ def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
     return model
 
 
-class TensorBoard:
-    """--tensorboard: the streams of log.txt, the settings and the samples, as TensorBoard events in
-    log_dir/tensorboard (`tensorboard --logdir log/`). log.txt stays the record the notebooks read."""
-
-    def __init__(self, log_dir: Path, start_step: int, config: TrainConfig):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: only --tensorboard needs it
-
-        # purge_step: what an interrupted attempt logged after the checkpoint we resume from is dropped,
-        # and the resumed run's own values take its place, as in log.txt.
-        self.writer = SummaryWriter(log_dir / "tensorboard", purge_step=start_step or None)
-        self.writer.add_text("settings", "\n".join(f"    {k} = {v!r}" for k, v in asdict(config).items()), start_step)
-
-    def log(self, step: int, stream: str, value: str):
-        if value != "nonfinite":
-            self.writer.add_scalar(stream, float(value), step)
-
-    def text(self, step: int, name: str, text: str):
-        self.writer.add_text(name, text, step)
-
-    def close(self):
-        self.writer.close()
 
 
 # OpenAI's GPT-2 of each size, for the summary at the end of a run: (parameters, val loss on the
@@ -1785,12 +1407,6 @@ GPT2_SCORES = {
 }
 
 
-def human(n: float) -> str:
-    """24576 -> "24.6K", 10_000_000_000 -> "10.0B": token counts at a glance."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:g}"
 
 
 def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compile: bool, world_size: int,
@@ -1860,7 +1476,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     say = print if master else (lambda *a, **k: None)
     if config.print_settings:
         say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
-    lock, resume_from, checkpoint = open_run_dir(config, master, say)
+    lock, resume_from, checkpoint = open_run_dir(config.log_dir, config.resume, config.overwrite, master, say)
     try:
         run(config, ddp, rank, local_rank, world_size, device, resume_from, checkpoint, say)
     finally:
@@ -1886,7 +1502,7 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
 
     if checkpoint is not None:
         say(f"resuming from {resume_from} (step {checkpoint['step']})")
-        compare_with_saved_run(config, checkpoint["config"], say)
+        compare_with_saved_run(config, checkpoint["config"], FIXED_ON_RESUME, say)
         if checkpoint["step"] >= config.max_steps:
             say(f"that run already finished its {config.max_steps} steps: nothing to do (a larger --max_steps trains on)")
             return
@@ -2103,7 +1719,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # fineweb.py and hellaswag.py `import train_gpt2`: let them find this very module instead of loading
-    # a second copy (whose UserError would be another class, printed as a traceback).
-    sys.modules.setdefault("train_gpt2", sys.modules["__main__"])
     run_main(main)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from train_gpt2 import (CONV1D_WEIGHTS, GPT, ArgumentParser, UserError, get_tokenizer, load_model, pick_device,
-                        quiet_transformers, run_main)
+from plumbing import ArgumentParser, UserError, pick_device, run_main
+from train_gpt2 import CONV1D_WEIGHTS, GPT, get_tokenizer, load_model, quiet_transformers
 
 PROMPTS = [
     "Hello, I'm a language model,",

@@ -109,7 +109,7 @@ if part run; then
     python - "$OUT" <<'EOF' | tee "$OUT/run_124M_summary.txt" || fail run_124M_summary.txt
 import statistics, sys
 from pathlib import Path
-from train_gpt2 import read_log
+from plumbing import read_log
 for optimizer in ("adamw", "muon"):
     log = read_log(Path(sys.argv[1]) / f"run_124M_{optimizer}_log.txt")
     tok_s = [v for step, v in log["tok_s"].items() if step >= 5]  # after compile and warm-up

@@ -79,9 +79,9 @@ def train(shards, run_dir, *extra, procs=None, **kw):
 
 def read_log(run_dir, stream):
     """{step: value} of one stream of a run's log.txt."""
-    import train_gpt2
+    import plumbing
 
-    return train_gpt2.read_log(Path(run_dir) / "log.txt").get(stream, {})
+    return plumbing.read_log(Path(run_dir) / "log.txt").get(stream, {})
 
 
 def assert_one_line_error(result, *fragments):

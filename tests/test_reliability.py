@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import TINY, TRAIN, assert_one_line_error, read_log, run_script, script_command, script_env, train
 
+import plumbing
 import train_gpt2 as t
 
 
@@ -142,7 +143,7 @@ def test_random_states_survive_a_checkpoint(tmp_path):
     ("NVIDIA RTX A6000", None), ("NVIDIA GeForce RTX 4060", None),
 ])
 def test_mfu_peak_is_looked_up_by_whole_words(name, flops):
-    assert t.gpu_peak_flops(name) == flops
+    assert plumbing.gpu_peak_flops(name) == flops
 
 
 def test_weights_stay_tied_after_loading(shakespeare_shards, tmp_path):

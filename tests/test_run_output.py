@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TRAIN, read_log, run_script, train
 
+import plumbing
 import train_gpt2 as t
 
 
@@ -78,7 +79,7 @@ def test_tensorboard_records_what_log_txt_records(shakespeare_shards, tmp_path):
     train(shakespeare_shards, tmp_path, *args, "--stop_after_step", "3")
     train(shakespeare_shards, tmp_path, *args, "--resume")
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
-    logged = t.read_log(tmp_path / "log.txt")
+    logged = plumbing.read_log(tmp_path / "log.txt")
     assert set(logged) == {"train", "val", "lr", "norm", "tok_s"}
     for stream, values in logged.items():
         recorded = {e.step: e.value for e in events.Scalars(stream)}

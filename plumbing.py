@@ -1,0 +1,564 @@
+"""
+The run plumbing every script of this repo shares. Nothing here knows about GPT-2, and this module
+imports no file of the project: the scripts import it, never the other way round.
+
+  1. errors and command lines: one `error: ...` line instead of a traceback; flags from a dataclass
+  2. files: writable outputs checked up front, text read line by line, downloads, progress bars
+  3. checkpoint files: written atomically and durably, rotated, the newest readable one found again
+  4. a run folder: one run at a time, --resume / --overwrite, a stop request, skipped non-finite
+     steps, the log (log.txt and TensorBoard behind one object)
+  5. time and speed: ETA, durations, MFU
+"""
+
+import argparse
+import errno
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import asdict, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+try:
+    import fcntl  # run-folder locks
+except ImportError:  # Windows: runs go unlocked
+    fcntl = None
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Errors and command lines
+
+
+class UserError(Exception):
+    """Bad input from the user (a missing file, a wrong size, a typo in a name).
+
+    Command-line entry points print it as one line that says what to do, never as a traceback.
+    """
+
+
+def run_main(main) -> None:
+    """Run a script's main(); a UserError ends it with `error: <message>` on stderr and exit code 1."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported the same way: one `error: ...` line, exit code 2. Flags must
+    be spelled out (no --max for --max_steps), so a typo can't silently set another flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+# What a setting may be. Every value is checked (check_rules) before any work starts, and a bad one is
+# named in one line: `--max_steps 0` must not "train" on nothing, `--max_lr nan` must not run for an
+# hour of NaNs.
+RULES = {
+    "positive": (lambda v: v >= 1, "must be at least 1"),
+    "non_negative": (lambda v: v >= 0, "must be 0 or more"),
+    "positive_number": (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0"),
+    "non_negative_number": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number, 0 or more"),
+    "fraction": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+    "beta": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+}
+
+
+def setting(default, help: str, rule: str | None = None, choices: tuple | None = None):
+    """A dataclass field that is also a command-line flag: its default, its --help text, and the rule
+    (a key of RULES) or the choices its value must meet."""
+    return field(default=default, metadata=dict(help=help, rule=rule, choices=choices))
+
+
+def parse_dataclass(cls, argv, presets: dict, description: str):
+    """An instance of the dataclass `cls` from the command line: one flag per field (--name value, or
+    --name / --no-name for a bool), and --preset NAME for a named set of defaults (flags given beside
+    it win). Returns (instance, the names of the flags given on the command line)."""
+    def as_flag(name, value):
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+    listed = "\n".join(f"  {name}: " + " ".join(as_flag(*kv) for kv in values.items()) for name, values in presets.items())
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=f"presets (--preset NAME sets these; flags given beside it win):\n{listed}")
+    parser.add_argument("--preset", choices=sorted(presets), help="start from a named set of settings (listed below)")
+    for f in fields(cls):
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"] + f" (default: {'on' if f.default else 'off'})")
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
+                                help=f.metadata["help"] + " (default: %(default)s)")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**presets[preset])
+    args = vars(parser.parse_args(argv))
+    args.pop("preset")
+    explicit = {a[2:].split("=")[0].removeprefix("no-") for a in argv if a.startswith("--")}
+    return cls(**args), explicit
+
+
+def check_rules(config) -> None:
+    """One UserError for the first field of a dataclass made with setting() that breaks its rule."""
+    for f in fields(config):
+        value, rule = getattr(config, f.name), f.metadata.get("rule")
+        if rule and not RULES[rule][0](value):
+            raise UserError(f"--{f.name} {value} {RULES[rule][1]}")
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """"a, b,c" -> ("a", "b", "c"): the comma-separated values of a flag."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def shell_command(*words) -> str:
+    """A command to paste into a shell, each word quoted where it must be (a path with a space)."""
+    return " ".join(shlex.quote(str(word)) for word in words)
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' picks cuda > mps > cpu; a device asked for by name must exist here."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", requested):
+        raise UserError(f"--device {requested} is not a device: use auto, cpu, mps, cuda or cuda:N")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA GPU is visible here (try --device auto)")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple's MPS backend is not available here (try --device auto)")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Files
+
+
+def check_writable(path, flag: str) -> None:
+    """Fail now, not after an hour of work, if a result cannot be written to `path`."""
+    if Path(path).expanduser().is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    folder = Path(path).expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from e
+
+
+def utf8_lines(path):
+    """(line number, line) of a text file, read as bytes and decoded line by line, so that a bad byte is
+    reported with the file and the line it is on."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{line_number}: line {line_number} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def write_json_atomically(path, result: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def download(url: str, dest: Path) -> None:
+    """Download url to dest with a progress bar. The bytes go to a temporary file beside dest, renamed
+    once complete, so an interrupted download never leaves a truncated file that looks finished."""
+    import urllib.request
+
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None  # None: tqdm counts without a total
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as progress:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    progress.update(len(chunk))
+        os.replace(partial, dest)  # atomic: dest is either absent or complete
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def progress_bar(iterable=None, enabled=True, desc="", **kwargs):
+    """tqdm with an ETA, on a terminal only: a log file gets the result lines, not a thousand redraws."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Checkpoint files
+#
+# A checkpoint is written to a temp file, flushed to disk, then renamed: a kill or a full disk during a
+# save leaves the previous checkpoint intact. Only the newest few are kept. Loaded with
+# weights_only=True: a checkpoint downloaded from someone else cannot run code on load.
+
+CHECKPOINT_GLOB = "ckpt_*.pt"  # run_dir/ckpt_000250.pt, ckpt_000500.pt, ...
+
+
+def checkpoint_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / f"ckpt_{step:06d}.pt"
+
+
+def find_latest_checkpoint(run_dir) -> Path | None:
+    """The newest checkpoint in a run folder (by step number in its name), or None."""
+    checkpoints = sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by train_gpt2.py, with a one-line error if it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a zip, pickled objects we refuse to load, ...
+        raise UserError(f"checkpoint {path} is unreadable (corrupt or truncated?): {type(e).__name__}") from e
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py (no 'model'/'model_config')")
+    return checkpoint
+
+
+def newest_readable_checkpoint(run_dir, set_aside=False) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of a run folder that loads, and its contents. One that does not (a disk
+    that failed, a copy cut short) is named on stderr and skipped; set_aside renames it *.unreadable,
+    so that nothing takes it for the newest again (the training run does this, rank 0 only)."""
+    for path in sorted(Path(run_dir).glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print(f"warning: {e}; using the checkpoint before it", file=sys.stderr)
+            if set_aside:
+                os.replace(path, path.with_name(path.name + ".unreadable"))
+    return None, None
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in this folder durable (POSIX: the folder's entry is data too)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of all the tensors in a (nested) dict/list: what a checkpoint will weigh, for its progress bar."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_checkpoint_file(checkpoint: dict, path: Path, progress=False) -> None:
+    """torch.save, atomically and durably: the file appears whole or not at all. A full disk (or any
+    failure to write) leaves nothing behind and ends the run with one line saying nothing was lost."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        from tqdm import tqdm
+
+        with open(tmp, "wb") as f:
+            with tqdm.wrapattr(f, "write", total=tensor_bytes(checkpoint), desc=f"saving {path.name}", leave=False,
+                               disable=None if progress else True) as writer:  # GPT-2 XL: 19 GB to write
+                torch.save(checkpoint, writer)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
+        os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
+        fsync_dir(path.parent)  # and the new name is on disk before an older checkpoint is deleted
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        previous = find_latest_checkpoint(path.parent)
+        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+        raise UserError(f"could not write checkpoint {path}: {reason}. Nothing was lost: free space (or fix the "
+                        f"folder), then add --resume to continue from {previous or 'the start'}") from e
+
+
+def rotate_checkpoints(run_dir, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints of a run folder, never `protect`."""
+    for old in sorted(Path(run_dir).glob(CHECKPOINT_GLOB))[:-keep]:
+        if old != protect:
+            old.unlink()
+
+
+def rng_states(device: str, ddp: bool = False) -> dict:
+    """Every random generator's state. Under DDP every rank must call it: each GPU's generator is
+    gathered, in rank order (training itself draws nothing on the GPU: no dropout; samples have their
+    own generator; but an extension might)."""
+    cuda = [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else []
+    if ddp and cuda:
+        cuda = [None] * dist.get_world_size()
+        dist.all_gather_object(cuda, torch.cuda.get_rng_state(device))
+    np_state = np.random.get_state(legacy=False)
+    return dict(
+        python=random.getstate(),
+        numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)), pos=np_state["state"]["pos"],
+                   has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
+        torch=torch.get_rng_state(),
+        cuda=cuda,
+    )
+
+
+def set_rng_states(states: dict, device: str, rank: int = 0) -> None:
+    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
+    n = states["numpy"]
+    np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
+                             has_gauss=n["has_gauss"], gauss=n["gauss"]))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if device.startswith("cuda") and cuda:  # each rank its own; on more GPUs than were saved, the last one's
+        torch.cuda.set_rng_state(cuda[min(rank, len(cuda) - 1)], device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. A run folder
+
+
+class RunLock:
+    """One run at a time in a run folder: an exclusive lock on log_dir/.lock, held while the run lives.
+    The OS lets go of it when the process ends, however it ends (kill -9 included), so a crashed run
+    never leaves its folder locked. (flock: Linux and macOS.)"""
+
+    def __init__(self, log_dir: Path):
+        self.file = open(log_dir / ".lock", "a+")
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{log_dir}/ is in use by another run ({owner}): wait for it to end, stop it, or "
+                            "choose another --log_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        self.file.close()
+
+
+def open_run_dir(log_dir, resume: bool, overwrite: bool, master: bool, say) -> tuple[RunLock | None, Path | None, dict | None]:
+    """Create and lock log_dir (rank 0); return (lock, the checkpoint to resume from, its contents).
+
+    Never mixes two runs: a folder that holds a run needs --resume or --overwrite. Deletes nothing:
+    --overwrite's deleting happens only once every setting has been checked (clear_earlier_run)."""
+    log_dir = Path(log_dir)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--log_dir {log_dir} cannot be created: {e.strerror}") from e
+    lock = RunLock(log_dir) if master else None
+    if master:
+        for stale in log_dir.glob("ckpt_*.pt.tmp"):  # a save cut short by a kill or a full disk
+            stale.unlink()
+    if resume:
+        path, checkpoint = newest_readable_checkpoint(log_dir, set_aside=master)
+        if path is None and (log_dir / "log.txt").exists():
+            if lock:
+                lock.release()
+            raise UserError(f"{log_dir}/ holds a run's log but no checkpoint to resume from: add --overwrite (instead "
+                            "of --resume) to start over there, or choose another --log_dir")
+        if path is None:
+            say(f"--resume: no checkpoint in {log_dir}/, starting a new run")
+        return lock, path, checkpoint
+    earlier = [p for p in (find_latest_checkpoint(log_dir), log_dir / "log.txt") if p is not None and p.exists()]
+    if earlier and not overwrite:
+        if lock:
+            lock.release()
+        raise UserError(
+            f"{log_dir}/ already holds a run ({earlier[0].name}): add --resume to continue it, --overwrite to "
+            "start over, or choose another --log_dir"
+        )
+    return lock, None, None
+
+
+def clear_earlier_run(log_dir: Path) -> None:
+    """--overwrite, once everything else is known to be fine: the earlier run's log and checkpoints go."""
+    for path in list(log_dir.glob(CHECKPOINT_GLOB)) + list(log_dir.glob("ckpt_*.pt.*")) + [log_dir / "log.txt"]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(log_dir / "tensorboard", ignore_errors=True)
+
+
+def compare_with_saved_run(config, saved: dict, fixed: tuple, say) -> None:
+    """Refuse a change --resume cannot honour (a setting named in `fixed`); print the ones it applies."""
+    ignored = ("resume", "overwrite", "stop_after_step", "seed")  # seed: the model comes from the checkpoint
+    changed = {k: (saved[k], v) for k, v in asdict(config).items() if k in saved and saved[k] != v and k not in ignored}
+    for name in fixed:
+        if name in changed:
+            before, now = changed[name]
+            raise UserError(f"--{name} was {before!r} in the saved run and cannot change on --resume (now {now!r}): "
+                            "drop the flag, or start a new run in another --log_dir")
+    if changed:
+        say("resume: applying settings changed since the saved run: " +
+            ", ".join(f"--{k} {before!r} -> {now!r}" for k, (before, now) in changed.items()))
+
+
+class StopRequest:
+    """SIGTERM (cloud preemption, SLURM, `kill`) or SIGINT (Ctrl-C): finish the current step, write a
+    checkpoint and exit 0. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step, with a checkpoint", flush=True)
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class TensorBoard:
+    """--tensorboard: the streams of log.txt, the settings and the samples, as TensorBoard events in
+    log_dir/tensorboard (`tensorboard --logdir log/`). log.txt stays the record the notebooks read."""
+
+    def __init__(self, log_dir: Path, start_step: int, config):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only --tensorboard needs it
+
+        # purge_step: what an interrupted attempt logged after the checkpoint we resume from is dropped,
+        # and the resumed run's own values take its place, as in log.txt.
+        self.writer = SummaryWriter(log_dir / "tensorboard", purge_step=start_step or None)
+        self.writer.add_text("settings", "\n".join(f"    {k} = {v!r}" for k, v in asdict(config).items()), start_step)
+
+    def log(self, step: int, stream: str, value: str):
+        if value != "nonfinite":
+            self.writer.add_scalar(stream, float(value), step)
+
+    def text(self, step: int, name: str, text: str):
+        self.writer.add_text(name, text, step)
+
+    def close(self):
+        self.writer.close()
+
+
+def read_log(path) -> dict[str, dict[int, float]]:
+    """{stream: {step: value}} from a run's log.txt (`step stream value` lines).
+
+    A resumed run appends and redoes the steps after its checkpoint, so the later line for a step wins.
+    A half-written last line (a run still writing) and lines that do not parse are left out; a skipped
+    update (`skipped nonfinite`) reads as nan.
+    """
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    lines.pop()  # "" when the file ends with a newline, else the line still being written
+    streams = {}
+    for line in lines:
+        try:
+            step, stream, value = line.split()
+            streams.setdefault(stream, {})[int(step)] = math.nan if value == "nonfinite" else float(value)
+        except ValueError:  # not three fields, or not numbers
+            continue
+    return streams
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Time and speed
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def human(n: float) -> str:
+    """24576 -> "24.6K", 10_000_000_000 -> "10.0B": token counts at a glance."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:g}"
+
+
+def events_left(step: int, max_steps: int, interval: int, offset: int = 0, first: int = 0) -> int:
+    """How many of the steps after `step` do something every `interval` steps (at steps s with
+    (s + offset) % interval == 0, s >= first) or at the last step."""
+    if not interval or step >= max_steps - 1:
+        return 0
+    lo, hi = max(step + 1, first) + offset, max_steps - 1 + offset  # multiples of interval in [lo, hi]
+    return max(0, hi // interval - (lo - 1) // interval) + ((max_steps - 1 + offset) % interval != 0)
+
+
+def eta_seconds(step: int, config, seconds: dict) -> float:
+    """The time left after `step`: the steps, and the evaluations, samples and checkpoints still due,
+    each at the time it took last (seconds: {"step", "eval", "sample", "checkpoint"}). config has
+    max_steps, eval_interval, sample_interval and checkpoint_interval."""
+    n = config.max_steps
+    return ((n - step - 1) * seconds["step"]
+            + events_left(step, n, config.eval_interval) * seconds["eval"]
+            + events_left(step, n, config.sample_interval, first=1) * seconds["sample"]
+            + events_left(step, n, config.checkpoint_interval, offset=1) * seconds["checkpoint"])
+
+
+# Dense bf16/fp16 tensor-core peak FLOP/s from the datasheets. A GPU matches when every word of the key is
+# a word of its name, most specific first: "NVIDIA L40" is not an "L4", "NVIDIA H100 PCIe" not an SXM H100.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The peak of a GPU by its name (torch.cuda.get_device_name), or None if it is not in PEAK_FLOPS."""
+    words = set(re.split(r"[\s_-]+", name.upper()))
+    return next((flops for key, flops in PEAK_FLOPS if set(key.upper().split()) <= words), None)
+
+
+def peak_flops_for(device: str, dtype: torch.dtype) -> float | None:
+    """The accelerator's peak for MFU, or None where we don't know it (CPU, fp32, unknown GPUs):
+    better no MFU than a wrong one."""
+    if not device.startswith("cuda") or dtype == torch.float32:
+        return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device))
