@@ -23,7 +23,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from plumbing import ArgumentParser, UserError, check_writable, peak_flops_for, pick_device, run_main
-from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizers, flops_per_token, mixed_precision, pick_dtype, train_step
+from train_gpt2 import (GPT, GPTConfig, TrainConfig, configure_optimizers, find_hellaswag_data, flops_per_token, hellaswag_counts,
+                        load_hellaswag, mixed_precision, pick_dtype, train_step)
 
 SIZES = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128),
@@ -150,21 +151,19 @@ def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_s
 
 
 def bench_hellaswag(impl, config, args, device, dtype) -> float | None:
-    """HellaSwag examples/s through hellaswag.py's batched scorer."""
-    import hellaswag
-
+    """HellaSwag examples/s through the batched scorer (train_gpt2.hellaswag_counts)."""
     try:
-        examples = hellaswag.load_hellaswag(hellaswag.find_hellaswag_data(args.hellaswag_data or None), args.hellaswag_limit)
+        examples = load_hellaswag(find_hellaswag_data(args.hellaswag_data or None), args.hellaswag_limit)
     except Exception as e:  # no data offline: skip this row, keep the others
         print(f"HellaSwag skipped: {e}")
         return None
     model = build(impl, config, device).eval()
     scorer = torch.compile(model) if args.compile == "on" else model
     autocast_dtype = None if dtype == torch.float32 else dtype
-    hellaswag.hellaswag_counts(scorer, examples[: args.hellaswag_batch], device, args.hellaswag_batch, autocast_dtype=autocast_dtype)
+    hellaswag_counts(scorer, examples[: args.hellaswag_batch], device, args.hellaswag_batch, autocast_dtype=autocast_dtype)
     sync(device)
     t0 = time.perf_counter()
-    hellaswag.hellaswag_counts(scorer, examples, device, args.hellaswag_batch, autocast_dtype=autocast_dtype)
+    hellaswag_counts(scorer, examples, device, args.hellaswag_batch, autocast_dtype=autocast_dtype)
     sync(device)
     del model, scorer
     return len(examples) / (time.perf_counter() - t0)

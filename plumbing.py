@@ -11,6 +11,7 @@ imports no file of the project: the scripts import it, never the other way round
 """
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -21,8 +22,10 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import sys
 import tempfile
+import time
 from dataclasses import asdict, field, fields
 from pathlib import Path
 
@@ -207,6 +210,23 @@ def download(url: str, dest: Path) -> None:
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' progress bars and warnings while it loads or saves weights for us: they
+    describe its internals (shards, loss types), not anything a user of this repo should act on."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def progress_bar(iterable=None, enabled=True, desc="", **kwargs):
@@ -471,6 +491,158 @@ class TensorBoard:
 
     def close(self):
         self.writer.close()
+
+
+class Run:
+    """A training run's folder and its bookkeeping, behind one-line calls, so that the training loop
+    reads as training. Rank 0 owns the folder: it locks it (one run at a time), writes log.txt (and
+    TensorBoard) and the checkpoints; every rank times the work for the ETA and takes part in a stop.
+
+    config: the run's settings, a dataclass with log_dir, resume, overwrite, print_settings, tensorboard,
+    keep_checkpoints, max_bad_steps, stop_after_step, max_steps and the eval/sample/checkpoint intervals.
+    fixed_on_resume: the settings --resume cannot change (the model, the batch, the data order, ...).
+    """
+
+    def __init__(self, config, master: bool, ddp: bool, device: str, fixed_on_resume: tuple):
+        self.config, self.master, self.ddp, self.device = config, master, ddp, device
+        self.log_dir = Path(config.log_dir)
+        self.say = print if master else (lambda *args, **kwargs: None)  # only rank 0 prints
+        if config.print_settings:
+            self.say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
+        self.started = time.time()
+        self.log_file = self.board = self.stop = None
+        self.lock, self.resume_from, self.checkpoint = open_run_dir(self.log_dir, config.resume, config.overwrite,
+                                                                    master, self.say)
+        try:
+            if self.checkpoint is not None:
+                self.say(f"resuming from {self.resume_from} (step {self.checkpoint['step']})")
+                compare_with_saved_run(config, self.checkpoint["config"], fixed_on_resume, self.say)
+        except BaseException:
+            self.close()
+            raise
+        self.seconds = dict(step=0.0, eval=0.0, sample=0.0, checkpoint=0.0)  # what each took last time, for the ETA
+        self.step_times = []
+        self.bad_steps = 0  # non-finite steps in a row
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def start(self, start_step: int) -> None:
+        """Every setting, the data, the model and the checkpoint are known to be good: only now may an
+        earlier run's files go (--overwrite), and the log (appended on --resume) and the stop request start."""
+        if self.master and self.config.overwrite and self.resume_from is None:
+            clear_earlier_run(self.log_dir)
+        if self.master:
+            self.log_file = open(self.log_dir / "log.txt", "a")
+            self.board = TensorBoard(self.log_dir, start_step, self.config) if self.config.tensorboard else None
+            (self.log_dir / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        self.stop = StopRequest()
+        # A checkpoint is "good" once the step after it was finite. The newest one may not be yet: the
+        # update before it may have been the one that broke the weights.
+        self.unconfirmed = self.resume_from
+        earlier = [p for p in sorted(self.log_dir.glob(CHECKPOINT_GLOB))
+                   if p != self.resume_from and (not self.resume_from or p < self.resume_from)]
+        self.last_good = earlier[-1] if earlier else None
+
+    def log(self, step: int, **values: str) -> None:
+        """`step stream value` lines in log.txt, e.g. `250 val 3.8123`: easy to grep, plot, and append to
+        on resume; the same values in TensorBoard with --tensorboard."""
+        if not self.master:
+            return
+        for stream, value in values.items():
+            self.log_file.write(f"{step} {stream} {value}\n")
+            if self.board:
+                self.board.log(step, stream, value)
+        self.log_file.flush()
+
+    def text(self, step: int, name: str, text: str) -> None:
+        """A text (the samples) for TensorBoard, with --tensorboard."""
+        if self.board:
+            self.board.text(step, name, text)
+
+    @contextlib.contextmanager
+    def timed(self, what: str):
+        """Time an evaluation, a sample or a checkpoint: the ETA counts the ones still due at this price."""
+        t0 = time.time()
+        yield
+        self.seconds[what] = time.time() - t0
+
+    def eta(self, step: int, step_seconds: float) -> str:
+        """The time left after this step, steps and the evaluations, samples and checkpoints still due."""
+        self.step_times = (self.step_times + [step_seconds])[-20:]
+        self.seconds["step"] = statistics.median(self.step_times[1:] or self.step_times)  # the first step compiles: left out
+        return format_duration(eta_seconds(step, self.config, self.seconds))
+
+    def check_step(self, step: int, loss: float, grad_norm: float, stepped: bool, loss_scale: float | None) -> None:
+        """Count non-finite steps (their update was skipped); max_bad_steps in a row end the run.
+
+        fp16's gradient scaler (loss_scale: its scale, None without one) overflows now and then by
+        design, skips the update and lowers its scale; a non-finite loss, or non-finite gradients without
+        a scaler, are a real problem."""
+        if not stepped:
+            self.log(step, skipped="nonfinite")
+        if math.isfinite(loss) and (stepped or loss_scale is not None):
+            self.bad_steps = 0
+            self.last_good, self.unconfirmed = (self.unconfirmed or self.last_good), None
+            if not stepped:
+                self.say(f"step {step:5d} | fp16 gradients overflowed: update skipped, loss scale lowered to {loss_scale:g}")
+            return
+        self.bad_steps += 1
+        self.say(f"step {step:5d} | non-finite loss {loss} or grad norm {grad_norm}: update skipped ({self.bad_steps} in a row)")
+        if self.bad_steps < self.config.max_bad_steps:
+            return
+        # The checkpoint saved just before the streak (unconfirmed) led straight into it: it is renamed
+        # aside, so that --resume starts from the last good one.
+        note = ""
+        if self.unconfirmed is not None:
+            aside = self.unconfirmed.with_name(self.unconfirmed.name + ".nonfinite")
+            if self.master:
+                os.replace(self.unconfirmed, aside)
+            note = f" ({self.unconfirmed.name}, saved just before, led straight into them: renamed {aside.name})"
+        advice = ("Try a lower --max_lr (or --dtype bfloat16/float32) with --resume, which starts from it" if self.last_good
+                  else "Start over with --overwrite and a lower --max_lr (or --dtype bfloat16/float32)")
+        raise UserError(f"{self.bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: "
+                        f"{self.last_good or 'none'}{note}. {advice}")
+
+    def stop_requested(self, step: int) -> bool:
+        """SIGTERM, Ctrl-C or --stop_after_step: stop after this step, on every rank at once (the others
+        would wait forever for a rank that stopped)."""
+        requested = torch.tensor(float(self.stop.requested), device=self.device)
+        if self.ddp:
+            dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+        return bool(requested.item()) or step + 1 == self.config.stop_after_step
+
+    def weights_are_good(self, step: int, parameters) -> bool:
+        """Whether the weights after this step may be saved: never from a non-finite step or weights
+        (nor may such a checkpoint rotate good ones out)."""
+        finite = torch.stack([p.isfinite().all() for p in parameters]).all().item()
+        if self.bad_steps or not finite:
+            self.say(f"no checkpoint after step {step}: its loss or weights are not finite (last good: {self.last_good or 'none'})")
+            return False
+        return True
+
+    def save_checkpoint(self, step: int, checkpoint: dict) -> None:
+        """Rank 0 writes log_dir/ckpt_{step}.pt, then keeps the newest keep_checkpoints, never the last
+        good one: it stays until this one has proved good too."""
+        if self.master:
+            path = checkpoint_path(self.log_dir, step)
+            save_checkpoint_file(checkpoint, path, progress=True)
+            rotate_checkpoints(self.log_dir, self.config.keep_checkpoints, protect=self.last_good)
+            self.unconfirmed = path
+            self.say(f"saved {path}")
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.stop.restore()
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.board is not None:
+            self.board.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def read_log(path) -> dict[str, dict[int, float]]:

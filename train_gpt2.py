@@ -4,18 +4,27 @@ GPT-2, from scratch, in one file that reads top to bottom.
     python train_gpt2.py --preset shakespeare               # a small GPT on a CPU, about 5 minutes
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # the GPT-2 124M reproduction (FineWeb-Edu 10B)
 
-The story, in the order it is told below:
+Part I, the story: a complete GPT-2 trainer, in the order you would explain it
   1. the tokenizer: GPT-2's byte-pair encoding, vendored so it works offline
   2. the model: config -> attention -> MLP -> block -> GPT
   3. GPT-2 weights in and out: load OpenAI's checkpoints, export ours for Hugging Face
-  4. sampling, with a KV cache
-  5. LoRA: fine-tuning a few parameters
-  6. loading any model: a GPT-2 name, a Hugging Face directory, or one of our checkpoints
-  7. the data loader: memory-mapped token shards, shuffled, split across GPUs, resumable
-  8. training settings: one dataclass that is also the command line
-  9. the optimizer and the learning-rate schedule
- 10. checkpoints that survive preemption
- 11. the training loop: gradient accumulation, DDP, eval, HellaSwag, samples, logging
+  4. sampling
+  5. the data loader: memory-mapped token shards, shuffled, split across GPUs, resumable
+  6. training settings: one dataclass that is also the command line
+  7. the optimizer and the learning-rate schedule
+  8. evaluation: the val loss
+  9. the training loop: gradient accumulation, DDP, eval, HellaSwag, samples, checkpoints
+Part II, extensions: options beside the story, each in a section that says what it adds
+ 10. the KV cache and the compiled decode step: sampling one position per token
+ 11. the memory-saving loss: the classifier and the loss a chunk of rows at a time
+ 12. LoRA: fine-tuning a few parameters
+ 13. HellaSwag: scored in batches of a few fixed shapes
+ 14. loading any model: a GPT-2 name, a Hugging Face directory, a checkpoint or a run folder
+ 15. presets and the checks on settings
+ 16. what a run prints: its settings, resolved, and a summary at the end
+
+The run plumbing that knows nothing of GPT-2 (one-line errors, checkpoint files written atomically, the
+run-folder lock, the stop request, log.txt and TensorBoard) lives in plumbing.py.
 """
 
 import base64
@@ -27,6 +36,8 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,26 +51,18 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import (CHECKPOINT_GLOB, StopRequest, TensorBoard, UserError, check_rules, checkpoint_path,
-                     clear_earlier_run, compare_with_saved_run, eta_seconds, find_latest_checkpoint, format_duration,
-                     human, load_checkpoint, newest_readable_checkpoint, open_run_dir, parse_dataclass, peak_flops_for,
-                     pick_device, progress_bar, rng_states, rotate_checkpoints, run_main, save_checkpoint_file,
-                     set_rng_states, setting, split_list)
+                      clear_earlier_run, compare_with_saved_run, download, eta_seconds, find_latest_checkpoint,
+                      format_duration, human, load_checkpoint, newest_readable_checkpoint, open_run_dir,
+                      parse_dataclass, peak_flops_for, pick_device, progress_bar, quiet_transformers, rng_states,
+                      rotate_checkpoints,
+                      run_main, save_checkpoint_file, set_rng_states, setting, split_list, utf8_lines)
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
-
-
-
-
-
-
-
-
-
-
-
-
+# ===================================================================================================
+# Part I: the story
+# ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The tokenizer
@@ -122,63 +125,11 @@ class GPTConfig:
         return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens already seen, so that sampling one more token
-    costs one position's work instead of re-running the whole sequence.
-
-    "Static": room for block_size positions is allocated once, and a step writes its new keys/values
-    into their slots and attends over all of them, with a mask that hides the slots not yet filled.
-    Every step then has the same shapes and the same tensors, whatever the position, so one compiled
-    decode step (captured as a CUDA graph on GPUs, see GPT.generate) serves the whole generation. For
-    the same reason the count of cached tokens is a tensor on the device: a Python int would be baked
-    into the compiled step as a constant.
-
-    Uncompiled (fixed_shapes=False), attention reads only the slots filled so far: the same result
-    without the work on empty slots, which costs a CPU ~5% of a 124M model's short generations.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, device="cpu", dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # dtype: what the model computes in (bf16 under autocast)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens cached so far
-        self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
-        self.reset(fixed_shapes=True)
-        if self.k.is_cuda:  # tell torch.compile these tensors keep their address: a CUDA graph writes to them
-            for tensor in (self.k, self.v, self.length):
-                torch._dynamo.mark_static_address(tensor)
-
-    def reset(self, fixed_shapes: bool):
-        self.length.zero_()  # what the slots still hold is masked until written again
-        self.fixed_shapes = fixed_shapes
-        self.filled = 0  # = length, as a Python int: read only when the shapes may change
-
-    def step(self, T: int):
-        """Make room for T new tokens: (their positions (T,), the attention mask (T, slots read))."""
-        positions = self.length + torch.arange(T, device=self.length.device)
-        if not self.fixed_shapes:
-            self.filled += T
-        mask = self.slots[None, : self.width] <= positions[:, None]  # a new token sees the cached tokens and itself
-        self.length += T  # in place: the same tensor every step
-        return positions, mask
-
-    @property
-    def width(self) -> int:
-        """How many slots attention reads: all of them, or only the filled ones."""
-        return self.slots.numel() if self.fixed_shapes else self.filled
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write this layer's new keys/values (B, nh, T, hs) into their slots; return the slots read (B, nh, width, hs)."""
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
-        return self.k[layer][:, :, : self.width], self.v[layer][:, :, : self.width]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        self.layer = layer  # which block this is: its slot in the KV cache
+        self.layer = layer  # which block this is: its slot in the KV cache (section 10)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values of all heads in one matmul
@@ -196,7 +147,7 @@ class CausalSelfAttention(nn.Module):
             # Causal mask: position t may look at positions <= t. SDPA runs this as flash attention
             # where the hardware has it, never materialising the (T, T) attention matrix.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # sampling: these T tokens come after the cached ones
+        else:  # sampling with a KV cache (section 10): these T tokens come after the cached ones
             k, v = kv_cache.update(self.layer, k, v, positions)  # the cached slots (B, nh, width, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # the mask hides slots after each token
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -232,57 +183,6 @@ class Block(nn.Module):
         return x
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """The classifier and the loss in one step: the mean cross-entropy of logits = x @ weight^T against
-    the targets, a chunk of rows at a time, so that the (rows, vocab) logits never exist all at once.
-
-    The logits are the largest tensor of training: 64 x 1024 positions x 50,304 tokens is 6.6 GB in
-    bf16, written by the classifier, read by the softmax, read again by its backward. Here each chunk's
-    logits live only while that chunk is processed, and the gradient is computed right away, in the
-    forward pass, from the rule that makes cross-entropy cheap: d loss / d logits = softmax(logits) -
-    one_hot(target). Backward only scales the saved gradients by grad_output / rows (mean, and the
-    1/grad_accum_steps or fp16 loss scale that arrives as grad_output).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, want_grad_x: bool, want_grad_weight: bool):
-        # x (rows, C), weight (padded_vocab, C), targets (rows,). No gradient is computed that nobody wants:
-        # none in evaluation, none for a frozen weight (LoRA fine-tuning, section 5).
-        rows = x.size(0)
-        padded = torch.arange(weight.size(0), device=x.device) >= vocab_size  # the padded vocab columns
-        loss_sum = torch.zeros((), device=x.device)
-        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if want_grad_x else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad_weight else None
-        for start in range(0, rows, chunk_rows):
-            x_chunk, target = x[start : start + chunk_rows], targets[start : start + chunk_rows, None]
-            logits = (x_chunk @ weight.t()).float()  # (chunk, padded_vocab); a bf16 matmul under autocast
-            if vocab_size < weight.size(0):  # padded columns get -inf: no probability, no gradient
-                logits.masked_fill_(padded, float("-inf"))
-            # The softmax, in place to keep to one chunk-sized tensor: shifting by the row's max changes
-            # nothing (the shift cancels) but keeps exp() from overflowing.
-            logits -= logits.amax(dim=1, keepdim=True)
-            target_logit = logits.gather(1, target)
-            probs = logits.exp_()
-            norm = probs.sum(dim=1, keepdim=True)
-            loss_sum += (norm.log() - target_logit).sum()  # -log softmax(logits)[target], summed over rows
-            if want_grad_x or want_grad_weight:  # softmax - one_hot; autocast runs the matmuls in bf16, as in backward
-                grad_logits = probs.div_(norm).scatter_add_(1, target, -torch.ones_like(norm))
-                if want_grad_x:  # the classifier's backward, one half ...
-                    grad_x[start : start + chunk_rows] = grad_logits @ weight
-                if want_grad_weight:  # ... and the other
-                    grad_weight += grad_logits.t() @ x_chunk
-        ctx.save_for_backward(grad_x, grad_weight)
-        ctx.rows = rows
-        return loss_sum / rows
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_x, grad_weight = ctx.saved_tensors
-        scale = grad_output / ctx.rows
-        return (grad_x * scale if grad_x is not None else None, grad_weight * scale if grad_weight is not None else None,
-                None, None, None, None, None)
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -301,11 +201,11 @@ class GPT(nn.Module):
         # 38.6M parameters (30% of the 124M model). GPT-2 does this.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        self.lora = None  # LoRA adapters' settings once add_lora gives it some (section 5)
-        self.source = "a new GPT"  # what it was loaded from, for the user (section 6)
-        # Rows of logits per chunk of the loss (LinearCrossEntropy): 8192 rows of 50,304 fp32 logits
-        # are 1.6 GB at a time instead of 13 GB for a 64 x 1024 micro-batch. 0: the plain, unchunked loss.
+        # Rows of logits per chunk of the memory-saving loss (section 11): 8192 rows of 50,304 fp32
+        # logits are 1.6 GB at a time instead of 13 GB for a 64 x 1024 micro-batch. 0: the plain loss.
         self.loss_chunk_rows = 8192
+        self.lora = None  # LoRA adapters' settings once add_lora gives it some (section 12)
+        self.source = "a new GPT"  # what it was loaded from, for the user (section 14)
 
     def _init_weights(self, module):
         # GPT-2's init: N(0, 0.02) everywhere, zero biases, LayerNorms at (1, 0). Each block adds two
@@ -328,10 +228,10 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """idx: (B, T) token ids. Returns (logits, loss).
 
-        Without targets: logits (B, T, vocab_size), loss None. With targets (B, T): logits None (they are
-        never built whole, see LinearCrossEntropy) and the mean cross-entropy. Both cover the real vocab
-        only, so padded rows can never be sampled, scored or given probability. last_only: logits of the
-        last position only (B, 1, vocab_size), all that sampling needs.
+        Without targets: logits (B, T, vocab_size), loss None. With targets (B, T): logits None and the
+        mean cross-entropy. Both cover the real vocab only, so padded rows can never be sampled, scored
+        or given probability. last_only: logits of the last position only (B, 1, vocab_size), all that
+        sampling needs. kv_cache: see section 10.
         """
         B, T = idx.size()
         if kv_cache is None:
@@ -353,12 +253,12 @@ class GPT(nn.Module):
         # but their logits are whatever their rows give: about 0, while a trained GPT-2 puts every real
         # logit near -60, so left in the softmax they would take nearly all the probability.
         x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
-        if self.loss_chunk_rows:
+        if not self.loss_chunk_rows:  # the plain way: every logit, then the cross-entropy (in fp32)
+            loss = F.cross_entropy(self.lm_head(x)[:, :vocab_size].float(), targets)
+        else:  # the same loss and gradients without the full logits (section 11)
             weight, grad = self.lm_head.weight, torch.is_grad_enabled()
             loss = LinearCrossEntropy.apply(x, weight, targets, vocab_size, self.loss_chunk_rows,
                                             grad and x.requires_grad, grad and weight.requires_grad)
-        else:  # the plain way, kept as the reference the tests and bench.py compare with
-            loss = F.cross_entropy(self.lm_head(x)[:, :vocab_size].float(), targets)
         return None, loss
 
     # -----------------------------------------------------------------------------------------------
@@ -371,63 +271,17 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir: str, vocab_pad_multiple: int = 1) -> "GPT":
         """Load gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded by transformers), or any directory
         written by GPT2LMHeadModel.save_pretrained."""
-        if not os.path.isdir(name_or_dir) and name_or_dir not in GPT2_SIZES:
-            if os.sep in name_or_dir or name_or_dir.startswith("."):
-                raise UserError(f"model directory {name_or_dir!r} does not exist")
-            raise UserError(
-                f"unknown model {name_or_dir!r}: use one of {', '.join(GPT2_SIZES)}, "
-                "or a directory written by GPT2LMHeadModel.save_pretrained"
-            )
-        from transformers import GPT2LMHeadModel  # imported here: only this path needs transformers
-
-        try:
-            with quiet_transformers():
-                hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load {name_or_dir!r} with transformers: {first_line}") from e
+        hf_model = load_hf_gpt2(name_or_dir)  # transformers' own model, its config checked (section 14)
         hf = hf_model.config
-        # Every GPT2Config field that changes what the model computes must have GPT-2's value: this
-        # model implements exactly that one function. Refuse anything else rather than be subtly wrong.
-        # (Dropout rates are left out: they change training, not the function, and we train without.)
-        gpt2_only = {
-            "model_type": "gpt2",
-            "activation_function": "gelu_new",  # GELU, tanh approximation
-            "layer_norm_epsilon": 1e-5,
-            "tie_word_embeddings": True,  # one matrix for the token embeddings and the classifier
-            "scale_attn_weights": True,  # attention scores divided by sqrt(head size)
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "add_cross_attention": False,
-            "n_inner": 4 * hf.n_embd,  # the MLP's width (None means 4 * n_embd)
-        }
-        for key, expected in gpt2_only.items():
-            value = getattr(hf, key, expected)
-            if key == "n_inner" and value is None:
-                value = 4 * hf.n_embd
-            if value != expected:
-                raise UserError(
-                    f"{name_or_dir}: GPT2Config.{key}={value!r} is not supported: this GPT-2 implements "
-                    f"{key}={expected!r} only"
-                )
-        config = GPTConfig(
-            block_size=hf.n_positions,
-            vocab_size=hf.vocab_size,
-            n_layer=hf.n_layer,
-            n_head=hf.n_head,
-            n_embd=hf.n_embd,
-            vocab_pad_multiple=vocab_pad_multiple,
-        )
+        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
+                           n_embd=hf.n_embd, vocab_pad_multiple=vocab_pad_multiple)
         model = cls(config)
-        hf_state = hf_model.state_dict()
-        our_state = {}
-        for key, value in hf_state.items():
+        state = {}
+        for key, value in hf_model.state_dict().items():
             if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older versions
                 continue
-            if key.endswith(CONV1D_WEIGHTS):
-                value = value.t()
-            our_state[key] = value
-        load_state_dict_checked(model, our_state, source=name_or_dir)
+            state[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
+        load_state_dict_checked(model, state, source=name_or_dir)  # the padded vocab rows stay zero
         return model
 
     def to_hf(self):
@@ -483,33 +337,10 @@ class GPT(nn.Module):
     # -----------------------------------------------------------------------------------------------
     # 4. Sampling
     #
-    # Autoregressive: score the prompt, pick a next token from the last position's distribution, append
-    # it, repeat. With the KV cache each step feeds only the new token; without it each step re-runs
-    # the whole sequence (the tests check that both give the same tokens).
-    #
-    # A 124M model does little work per new token, and in eager PyTorch each step is ~200 kernel
-    # launches: the GPU waits for Python. compile_step=True compiles the one-token step (fixed shapes,
-    # thanks to the static KV cache) and, on CUDA, captures it as a CUDA graph that replays all its
-    # kernels in one launch. It compiles once per batch size, and pays off over many tokens.
-
-    def empty_kv_cache(self, batch_size: int, device, dtype, fixed_shapes: bool = True) -> KVCache:
-        """A static KV cache, emptied. The last one is kept and reused for the same batch size: a decode
-        step captured as a CUDA graph is then replayed by the next generate(), not captured again."""
-        cache = getattr(self, "_kv_cache", None)
-        if cache is None or cache.k.shape[1] != batch_size or cache.k.device != device or cache.k.dtype != dtype:
-            cache = self._kv_cache = KVCache(self.config, batch_size, device, dtype)
-        cache.reset(fixed_shapes)
-        return cache
-
-    def decode_step(self, token, kv_cache):
-        """One new token per row, after the cached ones: (B, 1) -> logits of the next token (B, 1, vocab)."""
-        return self(token, kv_cache=kv_cache, last_only=True)[0]
-
-    def compiled_decode_step(self, device_type: str):
-        if getattr(self, "_compiled_decode_step", None) is None:
-            mode = "reduce-overhead" if device_type == "cuda" else None  # reduce-overhead = CUDA graphs
-            self._compiled_decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
-        return self._compiled_decode_step
+    # Autoregressive: score the prompt, pick a next token from the last position's distribution
+    # (sample_next_token, below the class), append it, repeat. Each step can re-run the whole sequence;
+    # with the KV cache (section 10, the default) it feeds only the new token, and the tests check that
+    # both give the same tokens.
 
     @torch.no_grad()
     def generate(
@@ -529,7 +360,8 @@ class GPT(nn.Module):
 
         temperature 0 is greedy decoding. With stop_at_eot, a row that produced <|endoftext|> is padded
         with it, and generation ends once every row has. Each token is predicted from the last
-        block_size tokens at most: a longer context is cropped, as in nanoGPT.
+        block_size tokens at most: a longer context is cropped, as in nanoGPT. compile_step: see
+        section 10.
         """
         B, T = idx.shape
         block_size = self.config.block_size
@@ -562,57 +394,26 @@ class GPT(nn.Module):
                 logits, _ = self(tokens[:, max(0, n - block_size) : n], last_only=True)
         return tokens[:, :n]
 
+    # The KV cache's part of GPT (section 10): a cache to fill, and the one-token step that fills it.
 
-# OpenAI's four GPT-2 sizes (all with block_size 1024, vocab 50257).
-GPT2_SIZES = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
-# Weights stored as Conv1D (in, out) in OpenAI's/HF's checkpoints, (out, in) here.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    def empty_kv_cache(self, batch_size: int, device, dtype, fixed_shapes: bool = True) -> "KVCache":
+        """A static KV cache, emptied. The last one is kept and reused for the same batch size: a decode
+        step captured as a CUDA graph is then replayed by the next generate(), not captured again."""
+        cache = getattr(self, "_kv_cache", None)
+        if cache is None or cache.k.shape[1] != batch_size or cache.k.device != device or cache.k.dtype != dtype:
+            cache = self._kv_cache = KVCache(self.config, batch_size, device, dtype)
+        cache.reset(fixed_shapes)
+        return cache
 
+    def decode_step(self, token, kv_cache):
+        """One new token per row, after the cached ones: (B, 1) -> logits of the next token (B, 1, vocab)."""
+        return self(token, kv_cache=kv_cache, last_only=True)[0]
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """Hide transformers' progress bars and warnings while it loads or saves weights for us: they
-    describe its internals (shards, loss types), not anything a user of this repo should act on."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict with one-line errors. Embedding rows beyond the source's vocab (padding) are
-    zeroed, so a 50257-row GPT-2 loads into a 50304-row model for fine-tuning, the same way every time."""
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    if missing or unexpected:
-        raise UserError(
-            f"{source} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
-    with torch.no_grad():
-        for key, value in state.items():
-            target = ours[key]
-            padded_rows = key in ("transformer.wte.weight", "lm_head.weight") and value.size(0) < target.size(0)
-            if value.shape[1:] != target.shape[1:] or (value.shape[0] != target.shape[0] and not padded_rows):
-                raise UserError(
-                    f"{source}: {key} has shape {tuple(value.shape)}, this model expects {tuple(target.shape)} "
-                    "(was it saved from a model of another size?)"
-                )
-            target[: value.size(0)].copy_(value)
-            target[value.size(0) :].zero_()  # padded rows (if any): never used, but deterministic
+    def compiled_decode_step(self, device_type: str):
+        if getattr(self, "_compiled_decode_step", None) is None:
+            mode = "reduce-overhead" if device_type == "cuda" else None  # reduce-overhead = CUDA graphs
+            self._compiled_decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled_decode_step
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -637,172 +438,19 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 5. LoRA: fine-tuning a few parameters
-#
-# Fine-tuning every weight needs, per weight, its gradient and AdamW's two moments: four copies of the
-# model before a single activation, 2 GB for GPT-2 124M and 25 GB for GPT-2 XL. LoRA (Hu et al., 2021)
-# freezes the pretrained weights and learns, beside a weight matrix W (out x in), a low-rank update
-# B @ A, with A (r x in) and B (out x r) for a small rank r:
-#
-#     y = x W^T + b + (alpha / r) * x A^T B^T
-#
-# With r = 8 on the four matrices of every block, GPT-2 124M trains 1.2M parameters (1%), and only they
-# have gradients and optimizer moments. Three details make it work:
-#  - B starts at zero, so the update starts at zero: step 0 is exactly the pretrained model. A starts
-#    random, because the gradient of B goes through A (and A's through B): were both zero, neither
-#    would ever move.
-#  - alpha / r scales the update, so that a change of r keeps roughly the same step size: tune the
-#    learning rate once, then try ranks.
-#  - After training, W + (alpha / r) B A is one ordinary matrix. Merging gives back a plain GPT-2 of the
-#    same shapes and speed, which exports to Hugging Face like any other; a checkpoint stores only A
-#    and B, and where the pretrained weights come from.
-
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the four matrices of a block
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear (the same weight and bias tensors) plus a trainable low-rank update."""
-
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias  # state-dict names stay those of the layer
-        factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, **factory))  # zero: starts as W
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as LoRA's authors did
-        self.scale = alpha / rank
-
-    def forward(self, x):
-        # Through A first: (B, T, in) -> (B, T, r) -> (B, T, out) costs r * (in + out) per token, never in * out.
-        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
-
-    def merged(self) -> nn.Linear:
-        """An ordinary nn.Linear computing the same function: W + (alpha / r) B A."""
-        out_features, in_features = self.weight.shape
-        linear = nn.Linear(in_features, out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter((self.weight + self.scale * self.lora_B @ self.lora_A).detach())
-        linear.bias = nn.Parameter(self.bias.detach()) if self.bias is not None else None
-        return linear
-
-
-def add_lora(model: GPT, rank: int, alpha: float, targets=LORA_TARGETS, also_train=()) -> GPT:
-    """Freeze the model and give the `targets` matrices of every block a LoRA adapter (in place).
-    Parameters whose names contain one of `also_train` (e.g. "ln_", "bias") keep training too."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(fragment in name for fragment in also_train))
-    for block in model.transformer.h:
-        for target in targets:
-            parent_name, layer_name = target.split(".")
-            parent = getattr(block, parent_name)
-            layer = getattr(parent, layer_name)
-            if not 1 <= rank <= min(layer.in_features, layer.out_features):
-                raise UserError(f"--lora_rank {rank} must be between 1 and the smaller side of {target} "
-                                f"({layer.out_features} x {layer.in_features})")
-            setattr(parent, layer_name, LoRALinear(layer, rank, alpha))
-    return model
-
-
-def merge_lora(model: GPT) -> GPT:
-    """Fold every adapter into its weight (in place): a plain GPT again, every parameter trainable."""
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for name, layer in list(parent.named_children()):
-                if isinstance(layer, LoRALinear):
-                    setattr(parent, name, layer.merged())
-    for param in model.parameters():
-        param.requires_grad_(True)
-    model.lora = None
-    return model
+# OpenAI's four GPT-2 sizes (all with block_size 1024, vocab 50257).
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+# Weights stored as Conv1D (in, out) in OpenAI's/HF's checkpoints, (out, in) here.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. Loading any model
-#
-# Every tool here (training with --init_from, sample.py, hellaswag.py, validate.py, the notebooks)
-# takes the same kind of model reference: a GPT-2 name, a Hugging Face directory, a checkpoint file
-# written by this script, or a run folder (its newest checkpoint).
-
-
-
-
-
-
-
-
-
-
-
-def weights_fingerprint(model: nn.Module) -> float:
-    """A number that changes when any weight changes: tells a LoRA checkpoint's base model from another."""
-    return sum(float(p.detach().double().sum()) for p in model.parameters())
-
-
-def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: bool = True) -> GPT:
-    """The model a checkpoint holds. A LoRA checkpoint holds only the adapters (and what else trained):
-    the pretrained model it adapted is loaded again from where the run found it, and the adapters are
-    merged into it (merge=False keeps them separate, to resume training)."""
-    try:
-        config = GPTConfig(**checkpoint["model_config"])
-    except TypeError as e:
-        raise UserError(f"{source}: model_config does not describe a GPTConfig ({e})") from e
-    lora = checkpoint.get("lora")
-    if lora is None:
-        model = GPT(config)
-        load_state_dict_checked(model, checkpoint["model"], source=source)
-        return model
-    try:
-        model = load_pretrained(lora["base"], config.vocab_pad_multiple)
-    except UserError as e:
-        raise UserError(f"{source} holds LoRA adapters for {lora['base']}, which does not load: {e}") from e
-    if asdict(model.config) != asdict(config) or weights_fingerprint(model) != lora["base_fingerprint"]:
-        raise UserError(f"{source} holds LoRA adapters for another model than the one now at {lora['base']}")
-    add_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora["also_train"])
-    model.lora = lora
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if set(trainable) != set(checkpoint["model"]):
-        raise UserError(f"{source}: its LoRA tensors do not match its LoRA settings")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(checkpoint["model"][name])
-    return merge_lora(model) if merge else model
-
-
-def resolve_reference(reference: str) -> str:
-    """A run folder -> its newest readable checkpoint file; anything else as it is."""
-    path = Path(reference)
-    if path.is_dir() and not (path / "config.json").exists():  # a run folder (an HF dir has config.json)
-        checkpoint, _ = newest_readable_checkpoint(path)
-        if checkpoint is None:
-            raise UserError(f"{reference} holds no readable {CHECKPOINT_GLOB} checkpoint and is not a Hugging Face directory")
-        return str(checkpoint)
-    return reference
-
-
-def load_pretrained(reference: str, vocab_pad_multiple: int = 1) -> GPT:
-    """The model a reference names, on the CPU: a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face
-    directory (its vocab padded to vocab_pad_multiple), a checkpoint file, or a run folder (its newest
-    checkpoint). model.source says what was loaded, for the user."""
-    path = Path(resolve_reference(reference))
-    if path.is_file() or path.suffix == ".pt":
-        checkpoint = load_checkpoint(path)
-        model = model_from_checkpoint(checkpoint, source=str(path))
-        lora = checkpoint.get("lora")
-        model.source = (f"{path} (step {checkpoint.get('step', '?')}" +
-                        (f", LoRA rank {lora['rank']} on {lora['base']}, merged)" if lora else ")"))
-    else:
-        model = GPT.from_pretrained(str(reference), vocab_pad_multiple)
-        model.source = str(reference)
-    return model
-
-
-def load_model(init_from: str, device: str = "cpu") -> GPT:
-    """load_pretrained(init_from), on `device`, in eval mode: for sampling and evaluation."""
-    return load_pretrained(init_from).to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------------
-# 7. The data loader
+# 5. The data loader
 #
 # fineweb.py writes the corpus as shards of uint16 token ids ({name}_val_000000.npy, {name}_train_000001.npy,
 # ...), documents separated by <|endoftext|>. Training cuts each shard into windows of B*T+1 tokens
@@ -961,15 +609,15 @@ class ValLoader:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 8. Training settings
+# 6. Training settings
 #
-# One dataclass: its fields are the command-line flags (--help prints each help text), it is printed
-# at start and saved as train_config.json beside the log. The defaults are the GPT-2 124M reproduction on
+# One dataclass: its fields are the command-line flags (--help prints each help text; setting() gives a
+# field its help and the rule its value must meet, checked before any work starts), it is printed at
+# start and saved as train_config.json beside the log. The defaults are the GPT-2 124M reproduction on
 # FineWeb-Edu 10B, the numbers of the GPT-3 paper's "small" model (GPT-2 itself never published them).
+# Presets (--preset fast, --preset shakespeare) are in section 15.
 
-
-
-
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's four matrices (LoRA: section 12)
 
 
 @dataclass
@@ -1051,89 +699,8 @@ class TrainConfig:
                                 rule="non_negative_number")
 
 
-PRESETS = {
-    # GPT-2 124M on FineWeb-Edu in fewer tokens: Muon for the block matrices, AdamW for the rest, a
-    # warmup-stable-decay schedule. The same GPT-2 (it exports to Hugging Face like any other); the
-    # evidence for each number is in README.md, "What a run costs".
-    "fast": dict(
-        optimizer="muon",
-        muon_lr=0.02,
-        max_lr=6e-3,
-        schedule="wsd",
-        warmup_steps=250,
-        decay_frac=0.2,
-        min_lr_ratio=0.0,
-        max_steps=8000,  # 4.2B tokens: our estimate of what reaches GPT-2's val loss and HellaSwag
-    ),
-    # A quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU.
-    "shakespeare": dict(
-        data_dir="tinyshakespeare_tokens",
-        val_tokens=16_384,
-        block_size=128,
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        total_batch_size=4096,
-        micro_batch_size=32,
-        max_lr=2e-3,
-        warmup_steps=20,
-        max_steps=150,
-        eval_interval=25,
-        hellaswag=False,
-        sample_interval=75,
-        num_samples=2,
-        sample_prompt="ROMEO:",
-        checkpoint_interval=75,
-    ),
-}
-
-
-
-
-def parse_config(argv=None) -> TrainConfig:
-    """The command line, from TrainConfig's fields, checked. --preset NAME changes the defaults; flags win."""
-    config, explicit = parse_dataclass(TrainConfig, argv, PRESETS, "Train GPT-2. Every setting is a flag; see README.md.")
-    for name in ("lora_targets", "lora_also_train"):  # "a, b" and "a,b" are the same list
-        setattr(config, name, ",".join(split_list(getattr(config, name))))
-    # The flags on the command line (not a preset's or the defaults): some only make sense with others.
-    check_config(config, explicit)
-    return config
-
-
-def check_config(config: TrainConfig, explicit=frozenset()) -> None:
-    """One UserError for the first bad setting, before any work starts."""
-    check_rules(config)
-    pick_device(config.device)  # a device that does not exist here
-    if config.n_embd % config.n_head:
-        raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
-    lora_flags = sorted(explicit & {"lora_alpha", "lora_targets", "lora_also_train"})
-    if not config.lora_rank and lora_flags:
-        raise UserError(f"--{lora_flags[0]} has no effect without --lora_rank (the rank of the LoRA adapters)")
-    if config.lora_rank and config.init_from == "scratch":
-        raise UserError("--lora_rank adapts a pretrained model: give --init_from (gpt2, an HF dir, a checkpoint)")
-    if config.lora_rank and config.optimizer == "muon":
-        raise UserError("--optimizer muon trains the block matrices, which LoRA freezes: fine-tune LoRA with adamw")
-    unknown = [t for t in split_list(config.lora_targets) if t not in LORA_TARGETS]
-    if unknown or not split_list(config.lora_targets):
-        raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if config.resume and config.overwrite:
-        raise UserError("--resume continues the run in --log_dir and --overwrite deletes it: give one of them")
-    if len(set(split_list(config.lora_targets))) < len(split_list(config.lora_targets)):
-        raise UserError(f"--lora_targets {config.lora_targets!r} names a matrix twice")
-    muon_flags = sorted(explicit & {"muon_lr", "muon_momentum", "muon_weight_decay"})
-    if config.optimizer != "muon" and muon_flags:
-        raise UserError(f"--{muon_flags[0]} has no effect without --optimizer muon")
-    if config.schedule != "wsd" and "decay_frac" in explicit:
-        raise UserError("--decay_frac has no effect without --schedule wsd")
-    if config.sample_interval and len(encode_prompt(config.sample_prompt)) >= config.block_size:
-        raise UserError(f"--sample_prompt is {len(encode_prompt(config.sample_prompt))} tokens: it must be "
-                        f"shorter than --block_size {config.block_size}")
-
-
 # ---------------------------------------------------------------------------------------------------
-# 9. The optimizer and the learning-rate schedule
+# 7. The optimizer and the learning-rate schedule
 
 
 def configure_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
@@ -1201,47 +768,34 @@ def set_lr(optimizers, factor: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 10. Checkpoints
+# 8. Evaluation: the val loss
 #
-# Everything needed to continue as if never stopped: weights, optimizer moments, step, the loader's
-# position, and every random state. Written to a temp file, flushed to disk, then renamed: a kill or a
-# full disk during a save leaves the previous checkpoint intact, and only the newest few are kept.
-# Only weights that produced a finite step are saved. Loaded with weights_only=True.
+# The val loss says how well the model predicts text it never trained on: the same fixed sequences at
+# every evaluation, whatever the number of GPUs. HellaSwag, the benchmark that says whether the model
+# picks the sensible ending of a story, is section 13.
 
 
-
-
-
-
-
-
-
-
-def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
-                    val_loss, scaler, rng: dict, keep: Path | None = None, progress=False) -> Path:
-    """Write log_dir/ckpt_{step}.pt, then delete all but the newest keep_checkpoints (never `keep`)."""
-    # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
-    trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    checkpoint = dict(
-        model=trained if model.lora else model.state_dict(),
-        lora=model.lora,
-        model_config=asdict(model.config),
-        optimizers=[optimizer.state_dict() for optimizer in optimizers],
-        scaler=scaler.state_dict() if scaler.is_enabled() else None,
-        step=step,  # optimizer steps completed
-        loader=loader.state_dict(),
-        rng=rng,
-        config=asdict(config),
-        val_loss=val_loss,
-    )
-    path = checkpoint_path(log_dir, step)
-    save_checkpoint_file(checkpoint, path, progress)
-    rotate_checkpoints(log_dir, config.keep_checkpoints, protect=keep)
-    return path
+@torch.no_grad()
+def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progress=False) -> tuple[float, int]:
+    """Mean loss over the fixed val set, all ranks together. Returns (val_loss, tokens evaluated)."""
+    model.eval()
+    device = val_loader.device
+    loss_sum, token_count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    total = math.ceil(len(val_loader.starts) / val_loader.B)
+    for x, y in progress_bar(val_loader.batches(), progress, "val loss", total=total):
+        with autocast:
+            _, loss = model(x, y)
+        loss_sum += loss.float() * y.numel()  # back from mean to sum, so ranks with fewer tokens weigh less
+        token_count += y.numel()
+    if ddp:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(token_count)
+    model.train()
+    return (loss_sum / token_count).item(), int(token_count.item())
 
 
 # ---------------------------------------------------------------------------------------------------
-# 11. The training loop
+# 9. The training loop
 
 
 def setup_distributed(requested_device: str):
@@ -1277,12 +831,6 @@ def mixed_precision(device: str, dtype: torch.dtype):
     # fp16's narrow range would flush small gradients to zero: the scaler scales the loss up (and back).
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     return autocast, scaler
-
-
-
-
-
-
 
 
 def flops_per_token(model: GPT, T: int) -> float:
@@ -1326,149 +874,27 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     return loss_value, norm_value, stepped
 
 
-@torch.no_grad()
-def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progress=False) -> tuple[float, int]:
-    """Mean loss over the fixed val set, all ranks together. Returns (val_loss, tokens evaluated)."""
-    model.eval()
-    device = val_loader.device
-    loss_sum, token_count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-    total = math.ceil(len(val_loader.starts) / val_loader.B)
-    for x, y in progress_bar(val_loader.batches(), progress, "val loss", total=total):
-        with autocast:
-            _, loss = model(x, y)
-        loss_sum += loss.float() * y.numel()  # back from mean to sum, so ranks with fewer tokens weigh less
-        token_count += y.numel()
-    if ddp:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(token_count)
-    model.train()
-    return (loss_sum / token_count).item(), int(token_count.item())
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
-# Everything else may change on --resume (learning rates, max_steps, intervals, ...) and is applied.
-FIXED_ON_RESUME = ("init_from", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple", "lora_rank",
-                   "lora_alpha", "lora_targets", "lora_also_train", "total_batch_size", "micro_batch_size",
-                   "data_seed", "optimizer")
-
-
-
-
-def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
-    """The model to train: the resumed checkpoint's, a new GPT (--init_from scratch), or a pretrained
-    model (a GPT-2 name, an HF dir, a checkpoint or a run folder), with LoRA adapters if asked."""
-    if checkpoint is not None:  # resuming: the architecture (and LoRA adapters) come from the checkpoint
-        return model_from_checkpoint(checkpoint, source="the resumed checkpoint", merge=False)
-    if config.init_from == "scratch":
-        return GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
-                             n_embd=config.n_embd, vocab_pad_multiple=config.vocab_pad_multiple))
-    # A run folder means its newest checkpoint *now*: a LoRA run records that file, not the folder.
-    reference = resolve_reference(config.init_from)
-    model = load_pretrained(reference, config.vocab_pad_multiple)
-    if config.lora_rank:
-        path = Path(reference)  # where to find the base again: an absolute path, or a GPT-2 name
-        base = dict(base=str(path.resolve()) if path.exists() else reference, base_fingerprint=weights_fingerprint(model))
-        targets, also_train = split_list(config.lora_targets), split_list(config.lora_also_train)
-        names = [name for name, _ in model.named_parameters()]
-        unmatched = [fragment for fragment in also_train if not any(fragment in name for name in names)]
-        if unmatched:
-            raise UserError(f"--lora_also_train {unmatched[0]!r} matches no parameter (their names look like {names[2]})")
-        add_lora(model, config.lora_rank, config.lora_alpha, targets, also_train)
-        model.lora = dict(rank=config.lora_rank, alpha=config.lora_alpha, targets=targets, also_train=also_train, **base)
-    return model
-
-
-
-
-# OpenAI's GPT-2 of each size, for the summary at the end of a run: (parameters, val loss on the
-# FineWeb-Edu val shard, HellaSwag acc_norm in hellaswag.py's protocol). The notebooks hold the full
-# table with its sources; tests/test_notebooks.py keeps these numbers equal to theirs.
-GPT2_SCORES = {
-    "gpt2": (124_439_808, 3.2924, 0.2955),
-    "gpt2-medium": (354_823_168, None, 0.3752),
-    "gpt2-large": (774_030_080, None, 0.4320),
-    "gpt2-xl": (1_557_611_200, None, 0.4893),
-}
-
-
-
-
-def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compile: bool, world_size: int,
-                 grad_accum_steps: int, train_loader: TrainLoader, val_loader: ValLoader) -> str:
-    """The settings the run really uses, resolved (the device, not "auto"), in a few lines."""
-    c = model.config
-    if device.startswith("cuda"):
-        hardware = f"{torch.cuda.get_device_name(device)} x {world_size} GPU{'s' if world_size > 1 else ''}"
-    else:
-        threads = torch.get_num_threads()
-        hardware = f"{device} ({threads} thread{'s' if threads > 1 else ''})" + (f" x {world_size} processes" if world_size > 1 else "")
-    recipe = (f"Muon lr {config.muon_lr:g} (block matrices) + AdamW lr {config.max_lr:g} (the rest)"
-              if config.optimizer == "muon" else f"AdamW lr {config.max_lr:g}")
-    recipe += f", {config.schedule} schedule, warmup {config.warmup_steps} steps"
-    if config.schedule == "wsd":
-        recipe += f", decay over the last {config.decay_frac:.0%}"
-    tokens = config.max_steps * config.total_batch_size
-    train_tokens = train_loader.windows_per_epoch * config.micro_batch_size * config.block_size
-    lines = [
-        f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'}",
-        f"model:  {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
-        f"block {c.block_size}, vocab {c.padded_vocab_size}) from {model.source}",
-        f"data:   {config.data_dir}/: {human(train_tokens)} train tokens in {len(train_loader.shards)} shard(s); "
-        f"{human(val_loader.total_tokens)} val tokens per eval",
-        f"recipe: {recipe}",
-        f"steps:  {config.max_steps:,} x {config.total_batch_size:,} tokens = {human(tokens)} tokens "
-        f"({tokens / train_tokens:.2f} epochs); a step = {config.micro_batch_size} x {config.block_size} tokens x "
-        f"{world_size} process(es) x {grad_accum_steps} accumulation steps",
-        f"every setting: {Path(config.log_dir) / 'train_config.json'} (--print_settings prints them here)",
-    ]
-    if model.lora:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lines.insert(2, f"LoRA:   rank {model.lora['rank']}, alpha {model.lora['alpha']:g} on {','.join(model.lora['targets'])}: "
-                        f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
-    return "\n".join(lines)
-
-
-def run_summary(config: TrainConfig, model: GPT, step: int, steps_done: int, seconds: float, val_loss, acc_norm,
-                finished: bool) -> str:
-    """What the run did, how it compares with OpenAI's GPT-2 of its size, and what to do next."""
-    log_dir = Path(config.log_dir)
-    tokens = steps_done * config.total_batch_size
-    lines = [f"{'done' if finished else 'stopped'}: step {step:,} of {config.max_steps:,}; this session: {steps_done:,} "
-             f"steps, {human(tokens)} tokens in {format_duration(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tok/s overall)"]
-    name, (params, gpt2_val, gpt2_hella) = min(GPT2_SCORES.items(), key=lambda kv: abs(kv[1][0] - model.num_params()))
-    same_size = abs(params - model.num_params()) < 0.05 * params
-    if val_loss is not None:
-        reference = f" (OpenAI's {name}: {gpt2_val:.4f} on FineWeb-Edu's val shard)" if same_size and gpt2_val else ""
-        lines.append(f"val loss {val_loss:.4f}{reference}")
-    if acc_norm is not None:
-        reference = f" (OpenAI's {name}: {gpt2_hella:.4f})" if same_size else ""
-        lines.append(f"HellaSwag acc_norm {acc_norm:.4f}{reference}")
-    newest = find_latest_checkpoint(log_dir)
-    lines.append(f"newest checkpoint: {newest}")
-    if not finished:
-        lines.append("continue: the same command with --resume")
-    lines += ["next:",
-              f"  python sample.py --init_from {log_dir}/                       # talk to it",
-              f"  python hellaswag.py --model {log_dir}/                        # HellaSwag on all 10,042 examples",
-              f"  python -c \"from train_gpt2 import load_model; load_model('{log_dir}/').save_hf('my-gpt2')\"   # to Hugging Face",
-              f"  RUN_DIR={log_dir} jupyter lab play.ipynb                      # plots of the run"]
-    return "\n".join(lines)
+def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
+                    val_loss, scaler, rng: dict, keep: Path | None = None, progress=False) -> Path:
+    """Write log_dir/ckpt_{step}.pt, then delete all but the newest keep_checkpoints (never `keep`)."""
+    # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
+    trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    checkpoint = dict(
+        model=trained if model.lora else model.state_dict(),
+        lora=model.lora,
+        model_config=asdict(model.config),
+        optimizers=[optimizer.state_dict() for optimizer in optimizers],
+        scaler=scaler.state_dict() if scaler.is_enabled() else None,
+        step=step,  # optimizer steps completed
+        loader=loader.state_dict(),
+        rng=rng,
+        config=asdict(config),
+        val_loss=val_loss,
+    )
+    path = checkpoint_path(log_dir, step)
+    save_checkpoint_file(checkpoint, path, progress)
+    rotate_checkpoints(log_dir, config.keep_checkpoints, protect=keep)
+    return path
 
 
 def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
@@ -1510,9 +936,7 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
     # Data. The quick-start corpus is small enough to prepare on the spot.
     if config.data_dir == PRESETS["shakespeare"]["data_dir"] and not list(Path(config.data_dir).glob("*_train_*.npy")):
         if master:
-            import fineweb  # imported here: only the quick start needs it
-
-            fineweb.prepare_shakespeare(config.data_dir)
+            prepare_quick_start_data(config.data_dir)
         if ddp:
             dist.barrier()
 
@@ -1552,14 +976,12 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
 
     hellaswag_examples = None
     if config.hellaswag and config.eval_interval:
-        import hellaswag  # imported here: a run without HellaSwag does not need its data
-
         if master:  # rank 0 downloads the val set if needed (now, not at step 250); then every rank reads it
-            hellaswag.find_hellaswag_data(config.hellaswag_data or None)
+            find_hellaswag_data(config.hellaswag_data or None)
         if ddp:
             dist.barrier()
-        data_path = hellaswag.find_hellaswag_data(config.hellaswag_data or None)
-        hellaswag_examples = hellaswag.load_hellaswag(data_path, config.hellaswag_limit or None)
+        data_path = find_hellaswag_data(config.hellaswag_data or None)
+        hellaswag_examples = load_hellaswag(data_path, config.hellaswag_limit or None)
 
     say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps, train_loader, val_loader))
     if hellaswag_examples is not None:
@@ -1604,7 +1026,7 @@ def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: 
                 log(step, "val", f"{val_loss:.6f}")
                 if hellaswag_examples is not None:
                     # Every rank scores its share with the compiled model (not the DDP wrapper), fixed shapes.
-                    counts = hellaswag.hellaswag_counts(compiled, hellaswag_examples, device, rank=rank, world_size=world_size,
+                    counts = hellaswag_counts(compiled, hellaswag_examples, device, rank=rank, world_size=world_size,
                                                         autocast_dtype=None if dtype == torch.float32 else dtype,
                                                         progress=master)
                     counts = torch.tensor([counts["correct_norm"], counts["total"]], device=device)
@@ -1706,6 +1128,798 @@ def stop_on_bad_steps(bad_steps: int, step: int, last_good: Path | None, unconfi
               "Start over with --overwrite and a lower --max_lr (or --dtype bfloat16/float32)")
     raise UserError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: "
                     f"{last_good or 'none'}{note}. {advice}")
+
+
+# ===================================================================================================
+# Part II: extensions
+# ===================================================================================================
+
+# ---------------------------------------------------------------------------------------------------
+# 10. The KV cache and the compiled decode step
+#
+# Sampling re-runs the whole sequence for every new token, though the keys and values of the tokens
+# already seen never change: the KV cache keeps them, so that a step feeds only the new token.
+#
+# A 124M model does little work per new token, and in eager PyTorch each step is ~200 kernel
+# launches: the GPU waits for Python. generate(compile_step=True) compiles the one-token step (fixed
+# shapes, thanks to the static KV cache) and, on CUDA, captures it as a CUDA graph that replays all its
+# kernels in one launch. It compiles once per batch size, and pays off over many tokens.
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens already seen, so that sampling one more token
+    costs one position's work instead of re-running the whole sequence.
+
+    "Static": room for block_size positions is allocated once, and a step writes its new keys/values
+    into their slots and attends over all of them, with a mask that hides the slots not yet filled.
+    Every step then has the same shapes and the same tensors, whatever the position, so one compiled
+    decode step (captured as a CUDA graph on GPUs, see GPT.generate) serves the whole generation. For
+    the same reason the count of cached tokens is a tensor on the device: a Python int would be baked
+    into the compiled step as a constant.
+
+    Uncompiled (fixed_shapes=False), attention reads only the slots filled so far: the same result
+    without the work on empty slots, which costs a CPU ~5% of a 124M model's short generations.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device="cpu", dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # dtype: what the model computes in (bf16 under autocast)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens cached so far
+        self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
+        self.reset(fixed_shapes=True)
+        if self.k.is_cuda:  # tell torch.compile these tensors keep their address: a CUDA graph writes to them
+            for tensor in (self.k, self.v, self.length):
+                torch._dynamo.mark_static_address(tensor)
+
+    def reset(self, fixed_shapes: bool):
+        self.length.zero_()  # what the slots still hold is masked until written again
+        self.fixed_shapes = fixed_shapes
+        self.filled = 0  # = length, as a Python int: read only when the shapes may change
+
+    def step(self, T: int):
+        """Make room for T new tokens: (their positions (T,), the attention mask (T, slots read))."""
+        positions = self.length + torch.arange(T, device=self.length.device)
+        if not self.fixed_shapes:
+            self.filled += T
+        mask = self.slots[None, : self.width] <= positions[:, None]  # a new token sees the cached tokens and itself
+        self.length += T  # in place: the same tensor every step
+        return positions, mask
+
+    @property
+    def width(self) -> int:
+        """How many slots attention reads: all of them, or only the filled ones."""
+        return self.slots.numel() if self.fixed_shapes else self.filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write this layer's new keys/values (B, nh, T, hs) into their slots; return the slots read (B, nh, width, hs)."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer][:, :, : self.width], self.v[layer][:, :, : self.width]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. The memory-saving loss
+#
+# The logits are the largest tensor of training. GPT.loss_chunk_rows (the default, 8192) computes the
+# classifier and the loss a chunk of rows at a time, with the same loss and gradients as the plain
+# F.cross_entropy of section 2 (the tests hold it to that).
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The classifier and the loss in one step: the mean cross-entropy of logits = x @ weight^T against
+    the targets, a chunk of rows at a time, so that the (rows, vocab) logits never exist all at once.
+
+    The logits are the largest tensor of training: 64 x 1024 positions x 50,304 tokens is 6.6 GB in
+    bf16, written by the classifier, read by the softmax, read again by its backward. Here each chunk's
+    logits live only while that chunk is processed, and the gradient is computed right away, in the
+    forward pass, from the rule that makes cross-entropy cheap: d loss / d logits = softmax(logits) -
+    one_hot(target). Backward only scales the saved gradients by grad_output / rows (mean, and the
+    1/grad_accum_steps or fp16 loss scale that arrives as grad_output).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, want_grad_x: bool, want_grad_weight: bool):
+        # x (rows, C), weight (padded_vocab, C), targets (rows,). No gradient is computed that nobody wants:
+        # none in evaluation, none for a frozen weight (LoRA fine-tuning, section 5).
+        rows = x.size(0)
+        padded = torch.arange(weight.size(0), device=x.device) >= vocab_size  # the padded vocab columns
+        loss_sum = torch.zeros((), device=x.device)
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if want_grad_x else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad_weight else None
+        for start in range(0, rows, chunk_rows):
+            x_chunk, target = x[start : start + chunk_rows], targets[start : start + chunk_rows, None]
+            logits = (x_chunk @ weight.t()).float()  # (chunk, padded_vocab); a bf16 matmul under autocast
+            if vocab_size < weight.size(0):  # padded columns get -inf: no probability, no gradient
+                logits.masked_fill_(padded, float("-inf"))
+            # The softmax, in place to keep to one chunk-sized tensor: shifting by the row's max changes
+            # nothing (the shift cancels) but keeps exp() from overflowing.
+            logits -= logits.amax(dim=1, keepdim=True)
+            target_logit = logits.gather(1, target)
+            probs = logits.exp_()
+            norm = probs.sum(dim=1, keepdim=True)
+            loss_sum += (norm.log() - target_logit).sum()  # -log softmax(logits)[target], summed over rows
+            if want_grad_x or want_grad_weight:  # softmax - one_hot; autocast runs the matmuls in bf16, as in backward
+                grad_logits = probs.div_(norm).scatter_add_(1, target, -torch.ones_like(norm))
+                if want_grad_x:  # the classifier's backward, one half ...
+                    grad_x[start : start + chunk_rows] = grad_logits @ weight
+                if want_grad_weight:  # ... and the other
+                    grad_weight += grad_logits.t() @ x_chunk
+        ctx.save_for_backward(grad_x, grad_weight)
+        ctx.rows = rows
+        return loss_sum / rows
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.rows
+        return (grad_x * scale if grad_x is not None else None, grad_weight * scale if grad_weight is not None else None,
+                None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 12. LoRA: fine-tuning a few parameters
+#
+# Fine-tuning every weight needs, per weight, its gradient and AdamW's two moments: four copies of the
+# model before a single activation, 2 GB for GPT-2 124M and 25 GB for GPT-2 XL. LoRA (Hu et al., 2021)
+# freezes the pretrained weights and learns, beside a weight matrix W (out x in), a low-rank update
+# B @ A, with A (r x in) and B (out x r) for a small rank r:
+#
+#     y = x W^T + b + (alpha / r) * x A^T B^T
+#
+# With r = 8 on the four matrices of every block, GPT-2 124M trains 1.2M parameters (1%), and only they
+# have gradients and optimizer moments. Three details make it work:
+#  - B starts at zero, so the update starts at zero: step 0 is exactly the pretrained model. A starts
+#    random, because the gradient of B goes through A (and A's through B): were both zero, neither
+#    would ever move.
+#  - alpha / r scales the update, so that a change of r keeps roughly the same step size: tune the
+#    learning rate once, then try ranks.
+#  - After training, W + (alpha / r) B A is one ordinary matrix. Merging gives back a plain GPT-2 of the
+#    same shapes and speed, which exports to Hugging Face like any other; a checkpoint stores only A
+#    and B, and where the pretrained weights come from. LORA_TARGETS (section 6) names the matrices.
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (the same weight and bias tensors) plus a trainable low-rank update."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # state-dict names stay those of the layer
+        factory = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, **factory))  # zero: starts as W
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as LoRA's authors did
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        # Through A first: (B, T, in) -> (B, T, r) -> (B, T, out) costs r * (in + out) per token, never in * out.
+        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+
+    def merged(self) -> nn.Linear:
+        """An ordinary nn.Linear computing the same function: W + (alpha / r) B A."""
+        out_features, in_features = self.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter((self.weight + self.scale * self.lora_B @ self.lora_A).detach())
+        linear.bias = nn.Parameter(self.bias.detach()) if self.bias is not None else None
+        return linear
+
+
+def add_lora(model: GPT, rank: int, alpha: float, targets=LORA_TARGETS, also_train=()) -> GPT:
+    """Freeze the model and give the `targets` matrices of every block a LoRA adapter (in place).
+    Parameters whose names contain one of `also_train` (e.g. "ln_", "bias") keep training too."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fragment in name for fragment in also_train))
+    for block in model.transformer.h:
+        for target in targets:
+            parent_name, layer_name = target.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, layer_name)
+            if not 1 <= rank <= min(layer.in_features, layer.out_features):
+                raise UserError(f"--lora_rank {rank} must be between 1 and the smaller side of {target} "
+                                f"({layer.out_features} x {layer.in_features})")
+            setattr(parent, layer_name, LoRALinear(layer, rank, alpha))
+    return model
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its weight (in place): a plain GPT again, every parameter trainable."""
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, layer in list(parent.named_children()):
+                if isinstance(layer, LoRALinear):
+                    setattr(parent, name, layer.merged())
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.lora = None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# 13. HellaSwag: does the model pick the sensible ending?
+#
+# HellaSwag (Zellers et al., 2019): each of 10,042 validation examples is a context and four endings,
+# one of them right,
+#
+#     "A man is sitting on a roof. he"  ->  "is using wrap to wrap a pair of skis."
+#                                           "is ripping level tiles off."
+#                                           "is holding a rubik's cube."
+#                                           "starts pulling up roofing on a roof."   (label 3)
+#
+# The model scores each ending as a completion of the context, never seeing the four side by side: the
+# cross-entropy of the ending's tokens. acc picks the ending with the lowest total loss, acc_norm the
+# lowest loss per token (a long ending is not penalised for being long). This is the completion style
+# of build-nanogpt, in which GPT-2 124M scores acc_norm 0.2955; lm-evaluation-harness's `hellaswag`
+# task normalises by bytes instead, so its numbers are not comparable. The training loop scores the
+# model every eval_interval; hellaswag.py scores any model on its own.
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_DATA_ENV = "HELLASWAG_DATA"  # a local copy of hellaswag_val.jsonl, when no path is given
+HELLASWAG_CACHE_DIR = Path(__file__).resolve().parent / "hellaswag_cache"  # where the download is kept
+NUM_ENDINGS = 4
+
+
+def find_hellaswag_data(data: str | None = None, cache_dir=HELLASWAG_CACHE_DIR) -> Path:
+    """The validation file: `data` if given, else $HELLASWAG_DATA, else the download in cache_dir
+    (fetched on first use)."""
+    for source, value in (("--data", data), (f"${HELLASWAG_DATA_ENV}", os.environ.get(HELLASWAG_DATA_ENV))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise UserError(f"HellaSwag data file {path} (from {source}) does not exist")
+            return path
+    path = Path(cache_dir) / "hellaswag_val.jsonl"
+    if not path.is_file():
+        try:
+            download(HELLASWAG_URL, path)
+        except OSError as e:  # no network, DNS failure, HTTP error (URLError and HTTPError are OSErrors)
+            raise UserError(
+                f"could not download HellaSwag from {HELLASWAG_URL} ({e}); without internet, pass "
+                f"--data path/to/hellaswag_val.jsonl or set {HELLASWAG_DATA_ENV}"
+            ) from e
+    return path
+
+
+@dataclass
+class HellaSwagExample:
+    context: list[int]  # tokens of the context
+    endings: list[list[int]]  # tokens of " " + each ending (the space belongs to the ending's first word)
+    label: int  # index of the right ending
+
+
+def render_example(context: str, endings: list[str], label: int) -> HellaSwagExample:
+    """Tokenize one example. GPT-2's tokens carry the space before a word (" roof" is one token), and
+    the context ends without one, so the space goes at the start of each ending."""
+    tokenizer = get_tokenizer()
+    return HellaSwagExample(
+        context=tokenizer.encode(context),
+        endings=[tokenizer.encode(" " + ending) for ending in endings],
+        label=label,
+    )
+
+
+def parse_line(line: str, where: str) -> tuple[str, list[str], int]:
+    """(ctx, endings, label) from one line of the file; a UserError naming the line if it is malformed."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for field in ("ctx", "endings", "label"):
+        if field not in row:
+            raise UserError(f"{where}: missing field {field!r}")
+    context, endings, label = row["ctx"], row["endings"], row["label"]
+    if not isinstance(context, str):
+        raise UserError(f"{where}: 'ctx' must be a string")
+    if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
+        raise UserError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+    if isinstance(label, str) and label.isdigit():  # Hugging Face's copy of the data stores "3"
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < NUM_ENDINGS:
+        raise UserError(f"{where}: label {row['label']!r} is out of range (expected 0..{NUM_ENDINGS - 1})")
+    return context, endings, label
+
+
+def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagExample]:
+    """The first `limit` examples of a HellaSwag .jsonl file (all of them by default), tokenized.
+    Tokenizing the whole validation set takes about half a second."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"HellaSwag data file {path} does not exist")
+    examples = []
+    for line_number, line in utf8_lines(path):  # a bad byte is reported with its line
+        if limit is not None and len(examples) >= limit:
+            break
+        if line.strip():  # tolerate blank lines (a trailing newline, a hand-edited file)
+            examples.append(render_example(*parse_line(line, where=f"{path} line {line_number}")))
+    if not examples:
+        raise UserError(f"{path} holds no HellaSwag examples")
+    return examples
+
+
+# The scoring runs many examples per forward pass. Each example becomes four rows, context + ending; a
+# batch holds 4 * batch_size rows, right-padded to a common length. Right padding never changes a
+# score: attention is causal, so a token never sees the padding after it, and the loss mask keeps the
+# padding out of the sums. The length is rounded up to a multiple of pad_to_multiple and the last batch
+# is filled with empty rows, so a compiled model meets only a handful of shapes (10 for the whole
+# validation set). Rows are sorted by length first, so that little of a batch is padding.
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (4 * batch_size, T) context + ending, right-padded with <|endoftext|>
+    scored: torch.Tensor  # (4 * batch_size, T) bool: True on the ending's tokens, whose loss counts
+    rows: list[int]  # which rows these are (row 4 * i + j: example i, ending j); the rest is padding
+
+
+def example_rows(example: HellaSwagExample, block_size: int | None) -> list[tuple[list[int], int]]:
+    """The four rows context + ending, each with how many of its last tokens are the ending's.
+
+    A row longer than block_size loses tokens from the left: the context is cut, the ending kept. The
+    first token of a row has nothing before it to be predicted from, so it is never scored.
+    """
+    rows = []
+    for ending in example.endings:
+        row = example.context + ending
+        if block_size is not None:
+            row = row[-block_size:]
+        rows.append((row, min(len(ending), len(row) - 1)))
+    return rows
+
+
+def make_batches(examples, batch_size: int, block_size: int | None, pad_to_multiple=16, sort_by_length=True):
+    """Yield Batches covering each row of each example once.
+
+    Shapes: (4 * batch_size, T), T a multiple of pad_to_multiple (or block_size, if that is shorter).
+    Sorted longest first: a batch too big for memory fails at once, and the last, partial batch is the
+    shortest, so its empty rows cost least. batch_size=1, pad_to_multiple=1, sort_by_length=False is
+    the plain loop of one example per forward pass.
+    """
+    assert batch_size >= 1 and pad_to_multiple >= 1
+    rows = [row for example in examples for row in example_rows(example, block_size)]
+    order = list(range(len(rows)))
+    if sort_by_length:
+        order.sort(key=lambda r: len(rows[r][0]), reverse=True)
+    rows_per_batch = NUM_ENDINGS * batch_size
+    for start in range(0, len(order), rows_per_batch):
+        batch_rows = order[start : start + rows_per_batch]
+        length = math.ceil(max(len(rows[r][0]) for r in batch_rows) / pad_to_multiple) * pad_to_multiple
+        if block_size is not None:
+            length = min(length, block_size)
+        tokens = torch.full((rows_per_batch, length), EOT_TOKEN, dtype=torch.long)
+        scored = torch.zeros((rows_per_batch, length), dtype=torch.bool)
+        for slot, r in enumerate(batch_rows):
+            row, n_scored = rows[r]
+            tokens[slot, : len(row)] = torch.tensor(row)
+            scored[slot, len(row) - n_scored : len(row)] = True
+        yield Batch(tokens, scored, batch_rows)
+
+
+def logits_of(output) -> torch.Tensor:
+    """Logits from what a model returns: our GPT's (logits, loss), a Hugging Face output, or a tensor."""
+    if isinstance(output, tuple):
+        return output[0]
+    return getattr(output, "logits", output)
+
+
+def block_size_of(model) -> int | None:
+    """The longest sequence the model reads (our block_size, Hugging Face's n_positions), looking
+    through DDP's wrapper (torch.compile's forwards attribute lookups itself); None if unknown."""
+    while model is not None:
+        config = getattr(model, "config", None)
+        if config is not None:
+            return getattr(config, "block_size", None) or getattr(config, "n_positions", None)
+        model = getattr(model, "module", None)
+    return None
+
+
+@torch.no_grad()
+def ending_losses(model, tokens: torch.Tensor, scored: torch.Tensor, autocast_dtype=None):
+    """Loss of each row's scored tokens: (sum, mean per scored token), each of shape (rows,)."""
+    with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = logits_of(model(tokens))  # (rows, T, vocab)
+    # The logits at position t predict the token at t + 1.
+    logits, targets, scored = logits[:, :-1], tokens[:, 1:], scored[:, 1:]
+    token_losses = torch.zeros(scored.shape, device=tokens.device)  # (rows, T - 1), zero where not scored
+    # Cross-entropy on the scored positions only: a fraction of all the logits, and always in fp32.
+    token_losses[scored] = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    sum_loss = token_losses.sum(dim=1)
+    mean_loss = sum_loss / scored.sum(dim=1).clamp(min=1)  # padding rows score nothing: 0 / 1
+    return sum_loss, mean_loss
+
+
+def hellaswag_losses(
+    model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=16, sort_by_length=True, progress=False
+):
+    """Per-ending losses (sum_losses, mean_losses), each a float tensor (len(examples), 4) on the CPU,
+    in the order of `examples`. progress: a progress bar with an ETA (on a terminal)."""
+    block_size = block_size_of(model)
+    sum_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)  # row 4 * i + j: example i, ending j
+    mean_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)
+    batches = make_batches(examples, batch_size, block_size, pad_to_multiple, sort_by_length)
+    total = math.ceil(len(examples) / batch_size)
+    for batch in progress_bar(batches, progress, "HellaSwag", total=total):
+        sum_loss, mean_loss = ending_losses(model, batch.tokens.to(device), batch.scored.to(device), autocast_dtype)
+        rows = torch.tensor(batch.rows, device=device)
+        sum_losses[rows] = sum_loss[: len(rows)]  # the rows after len(rows) are padding
+        mean_losses[rows] = mean_loss[: len(rows)]
+    # One device -> host copy, at the end: no waiting for the GPU after every batch.
+    return sum_losses.view(-1, NUM_ENDINGS).cpu(), mean_losses.view(-1, NUM_ENDINGS).cpu()
+
+
+def hellaswag_counts(
+    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, pad_to_multiple=16,
+    sort_by_length=True, progress=False,
+) -> dict:
+    """Score this rank's share of `examples` (a list from load_hellaswag): every world_size-th
+    example, from the rank-th.
+
+    Returns dict(correct=..., correct_norm=..., total=...) as ints: the caller adds them up across
+    ranks (all-reduce) and divides. acc = correct / total, acc_norm = correct_norm / total.
+    Ranks run different numbers of forward passes: pass the model itself (compiled or not), not its
+    DDP wrapper, whose forward may talk to the other ranks.
+
+    batch_size: examples per forward pass (4 rows each). autocast_dtype: None (fp32) or torch.bfloat16.
+    pad_to_multiple: round each batch's length up to a multiple of this, so that a compiled model sees
+    a few shapes; an eager model may use 1 (no wasted tokens). sort_by_length=False keeps the rows in
+    order (with batch_size=1, one example per forward: the slow baseline).
+    """
+    share = examples[rank::world_size]
+    sum_losses, mean_losses = hellaswag_losses(
+        model, share, device, batch_size, autocast_dtype, pad_to_multiple, sort_by_length, progress
+    )
+    labels = torch.tensor([example.label for example in share], dtype=torch.long)
+    return dict(
+        correct=int((sum_losses.argmin(dim=1) == labels).sum()),
+        correct_norm=int((mean_losses.argmin(dim=1) == labels).sum()),
+        total=len(share),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 14. Loading any model
+#
+# Every tool here (training with --init_from, sample.py, hellaswag.py, validate.py, the notebooks)
+# takes the same kind of model reference: a GPT-2 name, a Hugging Face directory, a checkpoint file
+# written by this script, or a run folder (its newest checkpoint).
+
+
+def load_hf_gpt2(name_or_dir: str):
+    """transformers' GPT2LMHeadModel for a GPT-2 name or a save_pretrained directory, refused with one
+    line if it does not exist, does not load, or computes another function than GPT-2's."""
+    if not os.path.isdir(name_or_dir) and name_or_dir not in GPT2_SIZES:
+        if os.sep in name_or_dir or name_or_dir.startswith("."):
+            raise UserError(f"model directory {name_or_dir!r} does not exist")
+        raise UserError(
+            f"unknown model {name_or_dir!r}: use one of {', '.join(GPT2_SIZES)}, "
+            "or a directory written by GPT2LMHeadModel.save_pretrained"
+        )
+    from transformers import GPT2LMHeadModel  # imported here: only this path needs transformers
+
+    try:
+        with quiet_transformers():
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load {name_or_dir!r} with transformers: {first_line}") from e
+    hf = hf_model.config
+    # Every GPT2Config field that changes what the model computes must have GPT-2's value: this
+    # model implements exactly that one function. Refuse anything else rather than be subtly wrong.
+    # (Dropout rates are left out: they change training, not the function, and we train without.)
+    gpt2_only = {
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",  # GELU, tanh approximation
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,  # one matrix for the token embeddings and the classifier
+        "scale_attn_weights": True,  # attention scores divided by sqrt(head size)
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "n_inner": 4 * hf.n_embd,  # the MLP's width (None means 4 * n_embd)
+    }
+    for key, expected in gpt2_only.items():
+        value = getattr(hf, key, expected)
+        if key == "n_inner" and value is None:
+            value = 4 * hf.n_embd
+        if value != expected:
+            raise UserError(
+                f"{name_or_dir}: GPT2Config.{key}={value!r} is not supported: this GPT-2 implements "
+                f"{key}={expected!r} only"
+            )
+    return hf_model
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with one-line errors. Embedding rows beyond the source's vocab (padding) are
+    zeroed, so a 50257-row GPT-2 loads into a 50304-row model for fine-tuning, the same way every time."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for key, value in state.items():
+            target = ours[key]
+            padded_rows = key in ("transformer.wte.weight", "lm_head.weight") and value.size(0) < target.size(0)
+            if value.shape[1:] != target.shape[1:] or (value.shape[0] != target.shape[0] and not padded_rows):
+                raise UserError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, this model expects {tuple(target.shape)} "
+                    "(was it saved from a model of another size?)"
+                )
+            target[: value.size(0)].copy_(value)
+            target[value.size(0) :].zero_()  # padded rows (if any): never used, but deterministic
+
+
+def weights_fingerprint(model: nn.Module) -> float:
+    """A number that changes when any weight changes: tells a LoRA checkpoint's base model from another."""
+    return sum(float(p.detach().double().sum()) for p in model.parameters())
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: bool = True) -> GPT:
+    """The model a checkpoint holds. A LoRA checkpoint holds only the adapters (and what else trained):
+    the pretrained model it adapted is loaded again from where the run found it, and the adapters are
+    merged into it (merge=False keeps them separate, to resume training)."""
+    try:
+        config = GPTConfig(**checkpoint["model_config"])
+    except TypeError as e:
+        raise UserError(f"{source}: model_config does not describe a GPTConfig ({e})") from e
+    lora = checkpoint.get("lora")
+    if lora is None:
+        model = GPT(config)
+        load_state_dict_checked(model, checkpoint["model"], source=source)
+        return model
+    try:
+        model = load_pretrained(lora["base"], config.vocab_pad_multiple)
+    except UserError as e:
+        raise UserError(f"{source} holds LoRA adapters for {lora['base']}, which does not load: {e}") from e
+    if asdict(model.config) != asdict(config) or weights_fingerprint(model) != lora["base_fingerprint"]:
+        raise UserError(f"{source} holds LoRA adapters for another model than the one now at {lora['base']}")
+    add_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora["also_train"])
+    model.lora = lora
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(checkpoint["model"]):
+        raise UserError(f"{source}: its LoRA tensors do not match its LoRA settings")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(checkpoint["model"][name])
+    return merge_lora(model) if merge else model
+
+
+def resolve_reference(reference: str) -> str:
+    """A run folder -> its newest readable checkpoint file; anything else as it is."""
+    path = Path(reference)
+    if path.is_dir() and not (path / "config.json").exists():  # a run folder (an HF dir has config.json)
+        checkpoint, _ = newest_readable_checkpoint(path)
+        if checkpoint is None:
+            raise UserError(f"{reference} holds no readable {CHECKPOINT_GLOB} checkpoint and is not a Hugging Face directory")
+        return str(checkpoint)
+    return reference
+
+
+def load_pretrained(reference: str, vocab_pad_multiple: int = 1) -> GPT:
+    """The model a reference names, on the CPU: a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face
+    directory (its vocab padded to vocab_pad_multiple), a checkpoint file, or a run folder (its newest
+    checkpoint). model.source says what was loaded, for the user."""
+    path = Path(resolve_reference(reference))
+    if path.is_file() or path.suffix == ".pt":
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, source=str(path))
+        lora = checkpoint.get("lora")
+        model.source = (f"{path} (step {checkpoint.get('step', '?')}" +
+                        (f", LoRA rank {lora['rank']} on {lora['base']}, merged)" if lora else ")"))
+    else:
+        model = GPT.from_pretrained(str(reference), vocab_pad_multiple)
+        model.source = str(reference)
+    return model
+
+
+def load_model(init_from: str, device: str = "cpu") -> GPT:
+    """load_pretrained(init_from), on `device`, in eval mode: for sampling and evaluation."""
+    return load_pretrained(init_from).to(device).eval()
+
+
+# What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
+# Everything else may change on --resume (learning rates, max_steps, intervals, ...) and is applied.
+FIXED_ON_RESUME = ("init_from", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple", "lora_rank",
+                   "lora_alpha", "lora_targets", "lora_also_train", "total_batch_size", "micro_batch_size",
+                   "data_seed", "optimizer")
+
+
+def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
+    """The model to train: the resumed checkpoint's, a new GPT (--init_from scratch), or a pretrained
+    model (a GPT-2 name, an HF dir, a checkpoint or a run folder), with LoRA adapters if asked."""
+    if checkpoint is not None:  # resuming: the architecture (and LoRA adapters) come from the checkpoint
+        return model_from_checkpoint(checkpoint, source="the resumed checkpoint", merge=False)
+    if config.init_from == "scratch":
+        return GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
+                             n_embd=config.n_embd, vocab_pad_multiple=config.vocab_pad_multiple))
+    # A run folder means its newest checkpoint *now*: a LoRA run records that file, not the folder.
+    reference = resolve_reference(config.init_from)
+    model = load_pretrained(reference, config.vocab_pad_multiple)
+    if config.lora_rank:
+        path = Path(reference)  # where to find the base again: an absolute path, or a GPT-2 name
+        base = dict(base=str(path.resolve()) if path.exists() else reference, base_fingerprint=weights_fingerprint(model))
+        targets, also_train = split_list(config.lora_targets), split_list(config.lora_also_train)
+        names = [name for name, _ in model.named_parameters()]
+        unmatched = [fragment for fragment in also_train if not any(fragment in name for name in names)]
+        if unmatched:
+            raise UserError(f"--lora_also_train {unmatched[0]!r} matches no parameter (their names look like {names[2]})")
+        add_lora(model, config.lora_rank, config.lora_alpha, targets, also_train)
+        model.lora = dict(rank=config.lora_rank, alpha=config.lora_alpha, targets=targets, also_train=also_train, **base)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# 15. Presets and the checks on settings
+
+
+PRESETS = {
+    # GPT-2 124M on FineWeb-Edu in fewer tokens: Muon for the block matrices, AdamW for the rest, a
+    # warmup-stable-decay schedule. The same GPT-2 (it exports to Hugging Face like any other); the
+    # evidence for each number is in README.md, "What a run costs".
+    "fast": dict(
+        optimizer="muon",
+        muon_lr=0.02,
+        max_lr=6e-3,
+        schedule="wsd",
+        warmup_steps=250,
+        decay_frac=0.2,
+        min_lr_ratio=0.0,
+        max_steps=8000,  # 4.2B tokens: our estimate of what reaches GPT-2's val loss and HellaSwag
+    ),
+    # A quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU.
+    "shakespeare": dict(
+        data_dir="tinyshakespeare_tokens",
+        val_tokens=16_384,
+        block_size=128,
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        total_batch_size=4096,
+        micro_batch_size=32,
+        max_lr=2e-3,
+        warmup_steps=20,
+        max_steps=150,
+        eval_interval=25,
+        hellaswag=False,
+        sample_interval=75,
+        num_samples=2,
+        sample_prompt="ROMEO:",
+        checkpoint_interval=75,
+    ),
+}
+
+
+def prepare_quick_start_data(data_dir: str) -> None:
+    """The quick start's corpus, Tiny Shakespeare (vendored), is small enough to tokenize on the spot:
+    run `python fineweb.py --source shakespeare` for the user, and show its summary line."""
+    command = [sys.executable, str(Path(__file__).with_name("fineweb.py")), "--source", "shakespeare", "--out_dir", data_dir]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    print(result.stdout.splitlines()[0])  # "tinyshakespeare_tokens: 2 shards, 338,026 tokens, ..."
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """The command line, from TrainConfig's fields, checked. --preset NAME changes the defaults; flags win."""
+    config, explicit = parse_dataclass(TrainConfig, argv, PRESETS, "Train GPT-2. Every setting is a flag; see README.md.")
+    for name in ("lora_targets", "lora_also_train"):  # "a, b" and "a,b" are the same list
+        setattr(config, name, ",".join(split_list(getattr(config, name))))
+    # The flags on the command line (not a preset's or the defaults): some only make sense with others.
+    check_config(config, explicit)
+    return config
+
+
+def check_config(config: TrainConfig, explicit=frozenset()) -> None:
+    """One UserError for the first bad setting, before any work starts."""
+    check_rules(config)
+    pick_device(config.device)  # a device that does not exist here
+    if config.n_embd % config.n_head:
+        raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
+    lora_flags = sorted(explicit & {"lora_alpha", "lora_targets", "lora_also_train"})
+    if not config.lora_rank and lora_flags:
+        raise UserError(f"--{lora_flags[0]} has no effect without --lora_rank (the rank of the LoRA adapters)")
+    if config.lora_rank and config.init_from == "scratch":
+        raise UserError("--lora_rank adapts a pretrained model: give --init_from (gpt2, an HF dir, a checkpoint)")
+    if config.lora_rank and config.optimizer == "muon":
+        raise UserError("--optimizer muon trains the block matrices, which LoRA freezes: fine-tune LoRA with adamw")
+    unknown = [t for t in split_list(config.lora_targets) if t not in LORA_TARGETS]
+    if unknown or not split_list(config.lora_targets):
+        raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if config.resume and config.overwrite:
+        raise UserError("--resume continues the run in --log_dir and --overwrite deletes it: give one of them")
+    if len(set(split_list(config.lora_targets))) < len(split_list(config.lora_targets)):
+        raise UserError(f"--lora_targets {config.lora_targets!r} names a matrix twice")
+    muon_flags = sorted(explicit & {"muon_lr", "muon_momentum", "muon_weight_decay"})
+    if config.optimizer != "muon" and muon_flags:
+        raise UserError(f"--{muon_flags[0]} has no effect without --optimizer muon")
+    if config.schedule != "wsd" and "decay_frac" in explicit:
+        raise UserError("--decay_frac has no effect without --schedule wsd")
+    if config.sample_interval and len(encode_prompt(config.sample_prompt)) >= config.block_size:
+        raise UserError(f"--sample_prompt is {len(encode_prompt(config.sample_prompt))} tokens: it must be "
+                        f"shorter than --block_size {config.block_size}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 16. What a run prints
+
+
+# OpenAI's GPT-2 of each size, for the summary at the end of a run: (parameters, val loss on the
+# FineWeb-Edu val shard, HellaSwag acc_norm in hellaswag.py's protocol). The notebooks hold the full
+# table with its sources; tests/test_notebooks.py keeps these numbers equal to theirs.
+GPT2_SCORES = {
+    "gpt2": (124_439_808, 3.2924, 0.2955),
+    "gpt2-medium": (354_823_168, None, 0.3752),
+    "gpt2-large": (774_030_080, None, 0.4320),
+    "gpt2-xl": (1_557_611_200, None, 0.4893),
+}
+
+
+def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compile: bool, world_size: int,
+                 grad_accum_steps: int, train_loader: TrainLoader, val_loader: ValLoader) -> str:
+    """The settings the run really uses, resolved (the device, not "auto"), in a few lines."""
+    c = model.config
+    if device.startswith("cuda"):
+        hardware = f"{torch.cuda.get_device_name(device)} x {world_size} GPU{'s' if world_size > 1 else ''}"
+    else:
+        threads = torch.get_num_threads()
+        hardware = f"{device} ({threads} thread{'s' if threads > 1 else ''})" + (f" x {world_size} processes" if world_size > 1 else "")
+    recipe = (f"Muon lr {config.muon_lr:g} (block matrices) + AdamW lr {config.max_lr:g} (the rest)"
+              if config.optimizer == "muon" else f"AdamW lr {config.max_lr:g}")
+    recipe += f", {config.schedule} schedule, warmup {config.warmup_steps} steps"
+    if config.schedule == "wsd":
+        recipe += f", decay over the last {config.decay_frac:.0%}"
+    tokens = config.max_steps * config.total_batch_size
+    train_tokens = train_loader.windows_per_epoch * config.micro_batch_size * config.block_size
+    lines = [
+        f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'}",
+        f"model:  {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
+        f"block {c.block_size}, vocab {c.padded_vocab_size}) from {model.source}",
+        f"data:   {config.data_dir}/: {human(train_tokens)} train tokens in {len(train_loader.shards)} shard(s); "
+        f"{human(val_loader.total_tokens)} val tokens per eval",
+        f"recipe: {recipe}",
+        f"steps:  {config.max_steps:,} x {config.total_batch_size:,} tokens = {human(tokens)} tokens "
+        f"({tokens / train_tokens:.2f} epochs); a step = {config.micro_batch_size} x {config.block_size} tokens x "
+        f"{world_size} process(es) x {grad_accum_steps} accumulation steps",
+        f"every setting: {Path(config.log_dir) / 'train_config.json'} (--print_settings prints them here)",
+    ]
+    if model.lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lines.insert(2, f"LoRA:   rank {model.lora['rank']}, alpha {model.lora['alpha']:g} on {','.join(model.lora['targets'])}: "
+                        f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
+    return "\n".join(lines)
+
+
+def run_summary(config: TrainConfig, model: GPT, step: int, steps_done: int, seconds: float, val_loss, acc_norm,
+                finished: bool) -> str:
+    """What the run did, how it compares with OpenAI's GPT-2 of its size, and what to do next."""
+    log_dir = Path(config.log_dir)
+    tokens = steps_done * config.total_batch_size
+    lines = [f"{'done' if finished else 'stopped'}: step {step:,} of {config.max_steps:,}; this session: {steps_done:,} "
+             f"steps, {human(tokens)} tokens in {format_duration(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tok/s overall)"]
+    name, (params, gpt2_val, gpt2_hella) = min(GPT2_SCORES.items(), key=lambda kv: abs(kv[1][0] - model.num_params()))
+    same_size = abs(params - model.num_params()) < 0.05 * params
+    if val_loss is not None:
+        reference = f" (OpenAI's {name}: {gpt2_val:.4f} on FineWeb-Edu's val shard)" if same_size and gpt2_val else ""
+        lines.append(f"val loss {val_loss:.4f}{reference}")
+    if acc_norm is not None:
+        reference = f" (OpenAI's {name}: {gpt2_hella:.4f})" if same_size else ""
+        lines.append(f"HellaSwag acc_norm {acc_norm:.4f}{reference}")
+    newest = find_latest_checkpoint(log_dir)
+    lines.append(f"newest checkpoint: {newest}")
+    if not finished:
+        lines.append("continue: the same command with --resume")
+    lines += ["next:",
+              f"  python sample.py --init_from {log_dir}/                       # talk to it",
+              f"  python hellaswag.py --model {log_dir}/                        # HellaSwag on all 10,042 examples",
+              f"  python -c \"from train_gpt2 import load_model; load_model('{log_dir}/').save_hf('my-gpt2')\"   # to Hugging Face",
+              f"  RUN_DIR={log_dir} jupyter lab play.ipynb                      # plots of the run"]
+    return "\n".join(lines)
 
 
 def main(argv=None):

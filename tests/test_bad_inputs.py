@@ -6,7 +6,6 @@ same code path as the command line, without starting 60 Pythons. tests/test_trai
 run a few of the same cases as real subprocesses.
 """
 
-import json
 
 import numpy as np
 import pytest

@@ -8,16 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hellaswag import (
-    NUM_ENDINGS,
-    download,
-    find_hellaswag_data,
-    hellaswag_counts,
-    hellaswag_losses,
-    load_hellaswag,
-    make_batches,
-)
-from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer
+from plumbing import UserError, download
+from train_gpt2 import (GPT, NUM_ENDINGS, GPTConfig, find_hellaswag_data, get_tokenizer, hellaswag_counts, hellaswag_losses,
+                        load_hellaswag, make_batches)
 from conftest import assert_one_line_error, run_script
 
 N_EXAMPLES = 200  # the first 200 validation examples; their longest rendering is 93 tokens
@@ -214,13 +207,13 @@ def test_data_comes_from_the_environment_or_a_download(data_path, tmp_path, monk
 
     # Neither given: downloaded into the cache, whole, with no partial file left beside it.
     monkeypatch.delenv("HELLASWAG_DATA")
-    monkeypatch.setattr("hellaswag.HELLASWAG_URL", data_path.as_uri())
+    monkeypatch.setattr("train_gpt2.HELLASWAG_URL", data_path.as_uri())
     cached = find_hellaswag_data(cache_dir=tmp_path / "cache")
     assert cached.read_bytes() == data_path.read_bytes()
     assert [p.name for p in cached.parent.iterdir()] == ["hellaswag_val.jsonl"]
 
     # A download that fails leaves nothing behind and says how to work offline.
-    monkeypatch.setattr("hellaswag.HELLASWAG_URL", (tmp_path / "offline.jsonl").as_uri())
+    monkeypatch.setattr("train_gpt2.HELLASWAG_URL", (tmp_path / "offline.jsonl").as_uri())
     with pytest.raises(UserError, match="--data"):
         find_hellaswag_data(cache_dir=tmp_path / "empty")
     assert list((tmp_path / "empty").iterdir()) == []

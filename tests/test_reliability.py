@@ -1,7 +1,6 @@
 """A run is never lost: one run per folder, checkpoints only from finite steps, a full disk or a
 broken checkpoint never ends a run's future, and --resume says what it changes."""
 
-import os
 import random
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """What a run shows: the settings it really uses, an ETA that counts everything still to come, a
 summary at the end, --help that lists the choices, and TensorBoard records equal to log.txt."""
 
-import math
 
 import pytest
 import torch
