@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from plumbing import ArgumentParser, check_writable, run_main, write_json_atomically
-from train_gpt2 import HELLASWAG_DATA_ENV, find_hellaswag_data, hellaswag_counts, load_hellaswag, load_model, setup_distributed
+from train_gpt2 import (HELLASWAG_DATA_ENV, find_hellaswag_data, hellaswag_counts_all_ranks, load_hellaswag, load_model,
+                        setup_distributed)
 
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,11 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def timed_counts(model, examples, device, rank, world_size, **kwargs) -> tuple[dict, float]:
     """Counts summed over all ranks, and the seconds it took (the slowest rank's, as the all-reduce waits)."""
     start = time.perf_counter()
-    counts = hellaswag_counts(model, examples, device, rank=rank, world_size=world_size, **kwargs)
-    if world_size > 1:
-        summed = torch.tensor([counts["correct"], counts["correct_norm"], counts["total"]], device=device)
-        dist.all_reduce(summed)  # SUM
-        counts = dict(zip(("correct", "correct_norm", "total"), summed.tolist()))
+    counts = hellaswag_counts_all_ranks(model, examples, device, rank, world_size, **kwargs)
     return counts, time.perf_counter() - start
 
 

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -50,12 +49,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (CHECKPOINT_GLOB, StopRequest, TensorBoard, UserError, check_rules, checkpoint_path,
-                      clear_earlier_run, compare_with_saved_run, download, eta_seconds, find_latest_checkpoint,
-                      format_duration, human, load_checkpoint, newest_readable_checkpoint, open_run_dir,
-                      parse_dataclass, peak_flops_for, pick_device, progress_bar, quiet_transformers, rng_states,
-                      rotate_checkpoints,
-                      run_main, save_checkpoint_file, set_rng_states, setting, split_list, utf8_lines)
+from plumbing import (CHECKPOINT_GLOB, Run, UserError, check_rules, download, find_latest_checkpoint, format_duration,
+                      human, load_checkpoint, newest_readable_checkpoint, parse_dataclass, peak_flops_for, pick_device,
+                      progress_bar, quiet_transformers, rng_states, run_main, set_rng_states, setting, split_list,
+                      utf8_lines)
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -874,12 +871,14 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     return loss_value, norm_value, stepped
 
 
-def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig,
-                    val_loss, scaler, rng: dict, keep: Path | None = None, progress=False) -> Path:
-    """Write log_dir/ckpt_{step}.pt, then delete all but the newest keep_checkpoints (never `keep`)."""
+def checkpoint_state(step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig, val_loss, scaler,
+                     rng: dict) -> dict:
+    """Everything needed to continue as if never stopped: weights, optimizer moments, the step, the
+    loader's position and every random state (plumbing.py writes it atomically, keeps the newest few,
+    and reads it back with weights_only=True)."""
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    checkpoint = dict(
+    return dict(
         model=trained if model.lora else model.state_dict(),
         lora=model.lora,
         model_config=asdict(model.config),
@@ -891,243 +890,142 @@ def save_checkpoint(log_dir: Path, step: int, model: GPT, optimizers, loader: Tr
         config=asdict(config),
         val_loss=val_loss,
     )
-    path = checkpoint_path(log_dir, step)
-    save_checkpoint_file(checkpoint, path, progress)
-    rotate_checkpoints(log_dir, config.keep_checkpoints, protect=keep)
-    return path
+
+
+def restore_checkpoint(checkpoint: dict, optimizers, scaler, loader: TrainLoader, device: str, rank: int):
+    """Put the optimizers, the gradient scaler, the loader and the random generators back where the
+    checkpoint left them (the weights are the model's already). Returns (step, val_loss)."""
+    states = checkpoint.get("optimizers") or [checkpoint["optimizer"]]  # (earlier versions: one optimizer)
+    for optimizer, state in zip(optimizers, states, strict=True):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)  # the moments, and the saved run's settings ...
+        for group, setting_now in zip(optimizer.param_groups, settings):
+            group.update(setting_now)  # ... which give way to this run's (the changes were printed)
+    if checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    loader.load_state_dict(checkpoint["loader"])
+    set_rng_states(checkpoint["rng"], device, rank)
+    return checkpoint["step"], checkpoint["val_loss"]
 
 
 def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
-    master = rank == 0  # only rank 0 prints, logs and writes checkpoints
-    say = print if master else (lambda *a, **k: None)
-    if config.print_settings:
-        say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
-    lock, resume_from, checkpoint = open_run_dir(config.log_dir, config.resume, config.overwrite, master, say)
-    try:
-        run(config, ddp, rank, local_rank, world_size, device, resume_from, checkpoint, say)
-    finally:
-        if lock:
-            lock.release()
-
-
-def run(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str,
-        resume_from: Path | None, checkpoint: dict | None, say) -> None:
-    started = time.time()
-    master, device_type, log_dir = rank == 0, device.split(":")[0], Path(config.log_dir)
-
-    # The batch: total_batch_size tokens per optimizer step, made of micro-batches of B sequences of
-    # T tokens on each of world_size ranks, accumulated grad_accum_steps times.
-    B, T = config.micro_batch_size, config.block_size
-    tokens_per_micro_step = B * T * world_size
-    if config.total_batch_size % tokens_per_micro_step:
-        raise UserError(
-            f"--total_batch_size {config.total_batch_size:,} is not a multiple of micro_batch_size x block_size x "
-            f"processes = {B} x {T} x {world_size} = {tokens_per_micro_step:,}: change one of them"
-        )
-    grad_accum_steps = config.total_batch_size // tokens_per_micro_step
-
-    if checkpoint is not None:
-        say(f"resuming from {resume_from} (step {checkpoint['step']})")
-        compare_with_saved_run(config, checkpoint["config"], FIXED_ON_RESUME, say)
-        if checkpoint["step"] >= config.max_steps:
-            say(f"that run already finished its {config.max_steps} steps: nothing to do (a larger --max_steps trains on)")
+    """Train as `config` says: from a new, pretrained or resumed model to max_steps, then a summary.
+    Every rank runs this; rank 0 prints, logs and writes the checkpoints (plumbing.Run)."""
+    master, device_type = rank == 0, device.split(":")[0]
+    with Run(config, master, ddp, device, FIXED_ON_RESUME) as run:  # the folder locked, a checkpoint to resume
+        checkpoint = run.checkpoint
+        if checkpoint is not None and checkpoint["step"] >= config.max_steps:
+            run.say(f"that run already finished its {config.max_steps} steps: nothing to do (a larger --max_steps trains on)")
             return
 
-    # Data. The quick-start corpus is small enough to prepare on the spot.
-    if config.data_dir == PRESETS["shakespeare"]["data_dir"] and not list(Path(config.data_dir).glob("*_train_*.npy")):
-        if master:
-            prepare_quick_start_data(config.data_dir)
-        if ddp:
-            dist.barrier()
+        # The batch: total_batch_size tokens per optimizer step, made of micro-batches of B sequences of
+        # T tokens on each of world_size ranks, accumulated grad_accum_steps times.
+        B, T = config.micro_batch_size, config.block_size
+        tokens_per_micro_step = B * T * world_size
+        if config.total_batch_size % tokens_per_micro_step:
+            raise UserError(
+                f"--total_batch_size {config.total_batch_size:,} is not a multiple of micro_batch_size x block_size x "
+                f"processes = {B} x {T} x {world_size} = {tokens_per_micro_step:,}: change one of them"
+            )
+        grad_accum_steps = config.total_batch_size // tokens_per_micro_step
 
-    torch.manual_seed(config.seed)
-    model = build_model(config, checkpoint).to(device)
-    if T > model.config.block_size:
-        raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
-    vocab_size = model.config.vocab_size
-    train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, vocab_size, device)
-    val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device, vocab_size)
+        # The model, the data, the optimizers; on --resume, as the checkpoint left them.
+        if config.data_dir == PRESETS["shakespeare"]["data_dir"] and not list(Path(config.data_dir).glob("*_train_*.npy")):
+            if master:
+                prepare_quick_start_data(config.data_dir)
+            if ddp:
+                dist.barrier()
+        torch.manual_seed(config.seed)
+        model = build_model(config, checkpoint).to(device)  # new, pretrained or resumed (section 14)
+        if T > model.config.block_size:
+            raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
+        vocab_size = model.config.vocab_size
+        train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, vocab_size, device)
+        val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device, vocab_size)
+        dtype = pick_dtype(config.dtype, device)
+        autocast, scaler = mixed_precision(device, dtype)
+        optimizers = configure_optimizers(model, config, device_type)
+        start_step, val_loss, acc_norm = 0, None, None
+        if checkpoint is not None:
+            start_step, val_loss = restore_checkpoint(checkpoint, optimizers, scaler, train_loader, device, rank)
+            checkpoint = run.checkpoint = None  # its tensors are copied: free them
 
-    dtype = pick_dtype(config.dtype, device)
-    autocast, scaler = mixed_precision(device, dtype)
-    optimizers = configure_optimizers(model, config, device_type)
+        # torch.compile fuses the model's small operations into a few large kernels. The compiled module
+        # shares its parameters with `model`: training and evaluation use the compiled one, sampling (whose
+        # sequence length changes every token) uses the plain one, so nothing recompiles step after step.
+        # DDP averages the gradients of all ranks during backward.
+        use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
+        compiled = torch.compile(model) if use_compile else model
+        train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else compiled
+        hellaswag_examples = None
+        if config.hellaswag and config.eval_interval:
+            hellaswag_examples, hellaswag_path = hellaswag_for_training(config, master, ddp)
+        run.say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps, train_loader, val_loader))
+        if hellaswag_examples is not None:
+            run.say(f"HellaSwag: {len(hellaswag_examples):,} examples from {hellaswag_path}, split across {world_size} rank(s)")
+        run.start(start_step)  # every setting, the data and the model are good: the log starts (--overwrite: anew)
+        peak_flops = config.peak_flops or peak_flops_for(device, dtype)
+        flops_per_step = flops_per_token(model, T) * config.total_batch_size
+        enc = get_tokenizer()
 
-    start_step, val_loss, acc_norm = 0, None, None
-    if checkpoint is not None:
-        states = checkpoint.get("optimizers") or [checkpoint["optimizer"]]  # (earlier versions: one optimizer)
-        for optimizer, state in zip(optimizers, states, strict=True):
-            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-            optimizer.load_state_dict(state)  # the moments, and the saved run's settings ...
-            for group, setting_now in zip(optimizer.param_groups, settings):
-                group.update(setting_now)  # ... which give way to this run's (the changes were printed above)
-        if checkpoint.get("scaler") is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_states(checkpoint["rng"], device, rank)
-        start_step, val_loss = checkpoint["step"], checkpoint["val_loss"]
-        del checkpoint
-
-    # torch.compile fuses the model's small operations into a few large kernels. The compiled module
-    # shares its parameters with `model`: training and evaluation use the compiled one, sampling (whose
-    # sequence length changes every token) uses the plain one, so nothing recompiles step after step.
-    use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
-    compiled = torch.compile(model) if use_compile else model
-    train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else compiled
-
-    hellaswag_examples = None
-    if config.hellaswag and config.eval_interval:
-        if master:  # rank 0 downloads the val set if needed (now, not at step 250); then every rank reads it
-            find_hellaswag_data(config.hellaswag_data or None)
-        if ddp:
-            dist.barrier()
-        data_path = find_hellaswag_data(config.hellaswag_data or None)
-        hellaswag_examples = load_hellaswag(data_path, config.hellaswag_limit or None)
-
-    say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps, train_loader, val_loader))
-    if hellaswag_examples is not None:
-        say(f"HellaSwag: {len(hellaswag_examples):,} examples from {data_path}, split across {world_size} rank(s)")
-
-    # Every setting, the data, the model and the checkpoint are known to be good: only now may an
-    # earlier run's files go (--overwrite), and a new log start.
-    if master and config.overwrite and resume_from is None:
-        clear_earlier_run(log_dir)
-    peak_flops = config.peak_flops or peak_flops_for(device, dtype)
-    flops_per_step = flops_per_token(model, T) * config.total_batch_size
-    log_file = open(log_dir / "log.txt", "a") if master else None  # appended: a resumed run continues it
-    board = TensorBoard(log_dir, start_step, config) if master and config.tensorboard else None
-
-    def log(step, stream, value):
-        if master:  # `step stream value`, e.g. `250 val 3.8123`: easy to grep, plot, and append to on resume
-            log_file.write(f"{step} {stream} {value}\n")
-            log_file.flush()
-            if board:
-                board.log(step, stream, value)
-
-    if master:
-        (log_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-    stop = StopRequest()
-    enc = get_tokenizer()
-    bad_steps, step_times = 0, []
-    seconds = dict(step=0.0, eval=0.0, sample=0.0, checkpoint=0.0)  # what each took last time, for the ETA
-    # A checkpoint is "good" once the step after it was finite. The newest one may not be yet: the
-    # update before it may have been the one that broke the weights.
-    unconfirmed = resume_from
-    earlier = [p for p in sorted(log_dir.glob(CHECKPOINT_GLOB)) if p != resume_from and (not resume_from or p < resume_from)]
-    last_good = earlier[-1] if earlier else None
-    step = start_step
-    try:
+        step = start_step
         for step in range(start_step, config.max_steps):
             last_step = step == config.max_steps - 1
 
+            # once in a while: evaluate the val loss and HellaSwag
             if config.eval_interval and (step % config.eval_interval == 0 or last_step):
-                t0 = time.time()
-                val_loss, _ = evaluate_val_loss(compiled, val_loader, autocast, ddp, progress=master)
-                say(f"step {step:5d} | val loss {val_loss:.4f}")
-                log(step, "val", f"{val_loss:.6f}")
-                if hellaswag_examples is not None:
-                    # Every rank scores its share with the compiled model (not the DDP wrapper), fixed shapes.
-                    counts = hellaswag_counts(compiled, hellaswag_examples, device, rank=rank, world_size=world_size,
-                                                        autocast_dtype=None if dtype == torch.float32 else dtype,
-                                                        progress=master)
-                    counts = torch.tensor([counts["correct_norm"], counts["total"]], device=device)
-                    if ddp:
-                        dist.all_reduce(counts)
-                    acc_norm = counts[0].item() / counts[1].item()
-                    say(f"step {step:5d} | HellaSwag acc_norm {acc_norm:.4f} ({counts[0].item()}/{counts[1].item()})")
-                    log(step, "hella", f"{acc_norm:.4f}")
-                seconds["eval"] = time.time() - t0
+                with run.timed("eval"):
+                    val_loss, _ = evaluate_val_loss(compiled, val_loader, autocast, ddp, progress=master)
+                    run.say(f"step {step:5d} | val loss {val_loss:.4f}")
+                    run.log(step, val=f"{val_loss:.6f}")
+                    if hellaswag_examples is not None:  # every rank scores its share, with `compiled`, not DDP's wrapper
+                        counts = hellaswag_counts_all_ranks(compiled, hellaswag_examples, device, rank, world_size, progress=master,
+                                                            autocast_dtype=None if dtype == torch.float32 else dtype)
+                        acc_norm = counts["correct_norm"] / counts["total"]
+                        run.say(f"step {step:5d} | HellaSwag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
+                        run.log(step, hella=f"{acc_norm:.4f}")
 
+            # once in a while: show what the model writes
             if master and config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
-                t0 = time.time()
-                prompt = torch.tensor([encode_prompt(config.sample_prompt)] * config.num_samples, device=device)
-                generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
-                with autocast:  # the decode step compiles to a CUDA graph on GPUs; a CPU gains nothing from it
-                    samples = model.generate(prompt, config.sample_tokens, top_k=50, generator=generator,
-                                             compile_step=use_compile and device_type == "cuda", progress=True)
-                texts = [enc.decode(row) for row in samples.tolist()]
-                for i, text in enumerate(texts):
-                    say(f"sample {i}: {text!r}")
-                if board:
-                    board.text(step, "samples", "\n\n".join(texts))
-                seconds["sample"] = time.time() - t0
+                with run.timed("sample"):
+                    prompt = torch.tensor([encode_prompt(config.sample_prompt)] * config.num_samples, device=device)
+                    generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
+                    with autocast:  # the decode step compiles to a CUDA graph on GPUs; a CPU gains nothing from it
+                        samples = model.generate(prompt, config.sample_tokens, top_k=50, generator=generator,
+                                                 compile_step=use_compile and device_type == "cuda", progress=True)
+                    texts = [enc.decode(row) for row in samples.tolist()]
+                    run.say("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
+                    run.text(step, "samples", "\n\n".join(texts))
 
+            # one optimizer step: grad_accum_steps micro-batches on every rank, at the schedule's learning rate
             t0 = time.time()
             lr_factor = lr_schedule(step, config)
             set_lr(optimizers, lr_factor)
-            lr = config.max_lr * lr_factor  # AdamW's, for the log
             loss, grad_norm, stepped = train_step(train_model, optimizers, train_loader.next_batch, grad_accum_steps,
                                                   autocast, config.grad_clip, scaler, ddp)
             dt = time.time() - t0
-            step_times = (step_times + [dt])[-20:]
-            if not stepped:
-                log(step, "skipped", "nonfinite")
-            # fp16's gradient scaler overflows now and then by design (it then skips the update and lowers
-            # its scale); a non-finite loss, or non-finite gradients without a scaler, are a real problem.
-            if math.isfinite(loss) and (stepped or scaler.is_enabled()):
-                bad_steps = 0
-                last_good, unconfirmed = (unconfirmed or last_good), None
-                if not stepped:
-                    say(f"step {step:5d} | fp16 gradients overflowed: update skipped, loss scale lowered to {scaler.get_scale():g}")
-            else:
-                bad_steps += 1
-                say(f"step {step:5d} | non-finite loss {loss} or grad norm {grad_norm}: update skipped ({bad_steps} in a row)")
-                if bad_steps >= config.max_bad_steps:
-                    stop_on_bad_steps(bad_steps, step, last_good, unconfirmed, master)
+            run.check_step(step, loss, grad_norm, stepped, scaler.get_scale() if scaler.is_enabled() else None)
 
+            # log the step
+            lr = config.max_lr * lr_factor  # AdamW's, for the log
             tokens_per_sec = config.total_batch_size / dt
-            seconds["step"] = statistics.median(step_times[1:] or step_times)  # the first step compiles: left out
-            mfu = f"{100 * flops_per_step / dt / (peak_flops * world_size):.1f}%" if peak_flops else "n/a"
-            say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | dt {1000 * dt:.1f}ms | "
-                f"tok/s {tokens_per_sec:,.0f} | MFU {mfu} | ETA {format_duration(eta_seconds(step, config, seconds))}")
-            log(step, "train", f"{loss:.9g}")  # 9 digits tell any two float32 values apart
-            log(step, "lr", f"{lr:.6e}")
-            log(step, "norm", f"{grad_norm:.6g}")
-            log(step, "tok_s", f"{tokens_per_sec:.0f}")
-            if peak_flops:
-                log(step, "mfu", f"{flops_per_step / dt / (peak_flops * world_size):.4f}")
+            mfu = flops_per_step / dt / (peak_flops * world_size) if peak_flops else None
+            run.say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {grad_norm:.4f} | dt {1000 * dt:.1f}ms | "
+                    f"tok/s {tokens_per_sec:,.0f} | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | ETA {run.eta(step, dt)}")
+            run.log(step, train=f"{loss:.9g}", lr=f"{lr:.6e}", norm=f"{grad_norm:.6g}", tok_s=f"{tokens_per_sec:.0f}",
+                    **({"mfu": f"{mfu:.4f}"} if mfu else {}))  # 9 digits tell any two float32 losses apart
 
-            stop_requested = torch.tensor(float(stop.requested), device=device)
-            if ddp:  # every rank must stop at the same step, or the others would wait forever
-                dist.all_reduce(stop_requested, op=dist.ReduceOp.MAX)
-            stop_now = bool(stop_requested.item()) or step + 1 == config.stop_after_step
-            if last_step or stop_now or (step + 1) % config.checkpoint_interval == 0:
-                finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
-                if bad_steps or not finite:  # such weights are never saved (nor rotate good checkpoints out)
-                    say(f"no checkpoint after step {step}: its loss or weights are not finite (last good: {last_good or 'none'})")
-                else:
-                    t0 = time.time()
+            # once in a while, at the end, and when asked to stop (SIGTERM, Ctrl-C): a checkpoint
+            stop_now = run.stop_requested(step)
+            if (last_step or stop_now or (step + 1) % config.checkpoint_interval == 0) and run.weights_are_good(step, model.parameters()):
+                with run.timed("checkpoint"):
                     rng = rng_states(device, ddp)  # every rank takes part: each GPU's generator is saved
-                    if master:  # the last good checkpoint stays until this one has proved good too
-                        unconfirmed = save_checkpoint(log_dir, step + 1, model, optimizers, train_loader, config,
-                                                      val_loss, scaler, rng, keep=last_good, progress=True)
-                        say(f"saved {unconfirmed}")
-                    seconds["checkpoint"] = time.time() - t0
+                    run.save_checkpoint(step + 1, checkpoint_state(step + 1, model, optimizers, train_loader, config,
+                                                                   val_loss, scaler, rng))
             if stop_now:
                 break
-        say(run_summary(config, model, step + 1, step + 1 - start_step, time.time() - started, val_loss, acc_norm,
-                        finished=step + 1 == config.max_steps))
-    finally:
-        stop.restore()
-        if log_file is not None:
-            log_file.close()
-        if board:
-            board.close()
-
-
-def stop_on_bad_steps(bad_steps: int, step: int, last_good: Path | None, unconfirmed: Path | None, master: bool):
-    """max_bad_steps non-finite steps in a row: end the run, pointing at a checkpoint that trains on. The
-    one saved just before the streak (unconfirmed) led straight into it: it is renamed aside, so that
-    --resume starts from the last good one."""
-    note = ""
-    if unconfirmed is not None:
-        aside = unconfirmed.with_name(unconfirmed.name + ".nonfinite")
-        if master:
-            os.replace(unconfirmed, aside)
-        note = f" ({unconfirmed.name}, saved just before, led straight into them: renamed {aside.name})"
-    advice = ("Try a lower --max_lr (or --dtype bfloat16/float32) with --resume, which starts from it" if last_good else
-              "Start over with --overwrite and a lower --max_lr (or --dtype bfloat16/float32)")
-    raise UserError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Last good checkpoint: "
-                    f"{last_good or 'none'}{note}. {advice}")
+        run.say(run_summary(config, model, step + 1, step + 1 - start_step, time.time() - run.started, val_loss, acc_norm,
+                            finished=step + 1 == config.max_steps))
 
 
 # ===================================================================================================
@@ -1372,77 +1270,64 @@ def find_hellaswag_data(data: str | None = None, cache_dir=HELLASWAG_CACHE_DIR) 
         try:
             download(HELLASWAG_URL, path)
         except OSError as e:  # no network, DNS failure, HTTP error (URLError and HTTPError are OSErrors)
-            raise UserError(
-                f"could not download HellaSwag from {HELLASWAG_URL} ({e}); without internet, pass "
-                f"--data path/to/hellaswag_val.jsonl or set {HELLASWAG_DATA_ENV}"
-            ) from e
+            raise UserError(f"could not download HellaSwag from {HELLASWAG_URL} ({e}); without internet, pass "
+                            f"--data path/to/hellaswag_val.jsonl or set {HELLASWAG_DATA_ENV}") from e
     return path
 
 
 @dataclass
 class HellaSwagExample:
     context: list[int]  # tokens of the context
-    endings: list[list[int]]  # tokens of " " + each ending (the space belongs to the ending's first word)
+    endings: list[list[int]]  # tokens of " " + each ending: GPT-2's tokens carry the space before a word
     label: int  # index of the right ending
 
 
-def render_example(context: str, endings: list[str], label: int) -> HellaSwagExample:
-    """Tokenize one example. GPT-2's tokens carry the space before a word (" roof" is one token), and
-    the context ends without one, so the space goes at the start of each ending."""
-    tokenizer = get_tokenizer()
-    return HellaSwagExample(
-        context=tokenizer.encode(context),
-        endings=[tokenizer.encode(" " + ending) for ending in endings],
-        label=label,
-    )
+def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagExample]:
+    """The first `limit` examples of a HellaSwag .jsonl file (all of them by default), tokenized (the
+    whole val set in about half a second). A malformed line is named in one UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"HellaSwag data file {path} does not exist")
+    examples, encode = [], get_tokenizer().encode
+    for line_number, line in utf8_lines(path):  # a bad byte is reported with its line
+        if limit is not None and len(examples) >= limit:
+            break
+        if line.strip():  # tolerate blank lines (a trailing newline, a hand-edited file)
+            context, endings, label = parse_hellaswag_line(line, where=f"{path} line {line_number}")
+            examples.append(HellaSwagExample(encode(context), [encode(" " + ending) for ending in endings], label))
+    if not examples:
+        raise UserError(f"{path} holds no HellaSwag examples")
+    return examples
 
 
-def parse_line(line: str, where: str) -> tuple[str, list[str], int]:
-    """(ctx, endings, label) from one line of the file; a UserError naming the line if it is malformed."""
+def parse_hellaswag_line(line: str, where: str) -> tuple[str, list[str], int]:
+    """(ctx, endings, label) from one line of the file: a JSON object with these three fields."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field in ("ctx", "endings", "label"):
-        if field not in row:
-            raise UserError(f"{where}: missing field {field!r}")
+    if missing := [field for field in ("ctx", "endings", "label") if field not in row]:
+        raise UserError(f"{where}: missing field {missing[0]!r}")
     context, endings, label = row["ctx"], row["endings"], row["label"]
+    label = int(label) if isinstance(label, str) and label.isdigit() else label  # Hugging Face's copy stores "3"
     if not isinstance(context, str):
         raise UserError(f"{where}: 'ctx' must be a string")
     if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
         raise UserError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
-    if isinstance(label, str) and label.isdigit():  # Hugging Face's copy of the data stores "3"
-        label = int(label)
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < NUM_ENDINGS:
         raise UserError(f"{where}: label {row['label']!r} is out of range (expected 0..{NUM_ENDINGS - 1})")
     return context, endings, label
 
 
-def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagExample]:
-    """The first `limit` examples of a HellaSwag .jsonl file (all of them by default), tokenized.
-    Tokenizing the whole validation set takes about half a second."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"HellaSwag data file {path} does not exist")
-    examples = []
-    for line_number, line in utf8_lines(path):  # a bad byte is reported with its line
-        if limit is not None and len(examples) >= limit:
-            break
-        if line.strip():  # tolerate blank lines (a trailing newline, a hand-edited file)
-            examples.append(render_example(*parse_line(line, where=f"{path} line {line_number}")))
-    if not examples:
-        raise UserError(f"{path} holds no HellaSwag examples")
-    return examples
-
-
-# The scoring runs many examples per forward pass. Each example becomes four rows, context + ending; a
-# batch holds 4 * batch_size rows, right-padded to a common length. Right padding never changes a
-# score: attention is causal, so a token never sees the padding after it, and the loss mask keeps the
-# padding out of the sums. The length is rounded up to a multiple of pad_to_multiple and the last batch
-# is filled with empty rows, so a compiled model meets only a handful of shapes (10 for the whole
-# validation set). Rows are sorted by length first, so that little of a batch is padding.
+# Many examples per forward pass. Each example becomes four rows, context + ending; a batch holds
+# 4 * batch_size rows, right-padded to a common length. Right padding never changes a score: attention
+# is causal, so a token never sees the padding after it, and only the ending's tokens are scored. The
+# length is rounded up to a multiple of pad_to_multiple and the last batch is filled with empty rows, so
+# a compiled model meets only a handful of shapes (10 for the whole val set). Rows are sorted longest
+# first: little of a batch is padding, a batch too big for memory fails at once, and the last, partial
+# batch costs least.
 
 
 @dataclass
@@ -1452,40 +1337,21 @@ class Batch:
     rows: list[int]  # which rows these are (row 4 * i + j: example i, ending j); the rest is padding
 
 
-def example_rows(example: HellaSwagExample, block_size: int | None) -> list[tuple[list[int], int]]:
-    """The four rows context + ending, each with how many of its last tokens are the ending's.
-
-    A row longer than block_size loses tokens from the left: the context is cut, the ending kept. The
-    first token of a row has nothing before it to be predicted from, so it is never scored.
-    """
-    rows = []
-    for ending in example.endings:
-        row = example.context + ending
-        if block_size is not None:
-            row = row[-block_size:]
-        rows.append((row, min(len(ending), len(row) - 1)))
-    return rows
-
-
 def make_batches(examples, batch_size: int, block_size: int | None, pad_to_multiple=16, sort_by_length=True):
-    """Yield Batches covering each row of each example once.
-
-    Shapes: (4 * batch_size, T), T a multiple of pad_to_multiple (or block_size, if that is shorter).
-    Sorted longest first: a batch too big for memory fails at once, and the last, partial batch is the
-    shortest, so its empty rows cost least. batch_size=1, pad_to_multiple=1, sort_by_length=False is
-    the plain loop of one example per forward pass.
-    """
-    assert batch_size >= 1 and pad_to_multiple >= 1
-    rows = [row for example in examples for row in example_rows(example, block_size)]
-    order = list(range(len(rows)))
-    if sort_by_length:
-        order.sort(key=lambda r: len(rows[r][0]), reverse=True)
+    """Batches covering each row of each example once. A row longer than block_size loses context from
+    the left, never the ending. batch_size=1, pad_to_multiple=1, sort_by_length=False is the plain loop
+    of one example per forward pass."""
+    rows = []  # (tokens, how many of them are the ending's: a row's first token is predicted by nothing)
+    for example in examples:
+        for ending in example.endings:
+            row = (example.context + ending)[-block_size:] if block_size else example.context + ending
+            rows.append((row, min(len(ending), len(row) - 1)))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0])) if sort_by_length else list(range(len(rows)))
     rows_per_batch = NUM_ENDINGS * batch_size
     for start in range(0, len(order), rows_per_batch):
         batch_rows = order[start : start + rows_per_batch]
         length = math.ceil(max(len(rows[r][0]) for r in batch_rows) / pad_to_multiple) * pad_to_multiple
-        if block_size is not None:
-            length = min(length, block_size)
+        length = min(length, block_size or length)
         tokens = torch.full((rows_per_batch, length), EOT_TOKEN, dtype=torch.long)
         scored = torch.zeros((rows_per_batch, length), dtype=torch.bool)
         for slot, r in enumerate(batch_rows):
@@ -1495,85 +1361,66 @@ def make_batches(examples, batch_size: int, block_size: int | None, pad_to_multi
         yield Batch(tokens, scored, batch_rows)
 
 
-def logits_of(output) -> torch.Tensor:
-    """Logits from what a model returns: our GPT's (logits, loss), a Hugging Face output, or a tensor."""
-    if isinstance(output, tuple):
-        return output[0]
-    return getattr(output, "logits", output)
-
-
-def block_size_of(model) -> int | None:
-    """The longest sequence the model reads (our block_size, Hugging Face's n_positions), looking
-    through DDP's wrapper (torch.compile's forwards attribute lookups itself); None if unknown."""
-    while model is not None:
-        config = getattr(model, "config", None)
-        if config is not None:
-            return getattr(config, "block_size", None) or getattr(config, "n_positions", None)
-        model = getattr(model, "module", None)
-    return None
-
-
 @torch.no_grad()
-def ending_losses(model, tokens: torch.Tensor, scored: torch.Tensor, autocast_dtype=None):
-    """Loss of each row's scored tokens: (sum, mean per scored token), each of shape (rows,)."""
-    with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = logits_of(model(tokens))  # (rows, T, vocab)
-    # The logits at position t predict the token at t + 1.
-    logits, targets, scored = logits[:, :-1], tokens[:, 1:], scored[:, 1:]
-    token_losses = torch.zeros(scored.shape, device=tokens.device)  # (rows, T - 1), zero where not scored
-    # Cross-entropy on the scored positions only: a fraction of all the logits, and always in fp32.
-    token_losses[scored] = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
-    sum_loss = token_losses.sum(dim=1)
-    mean_loss = sum_loss / scored.sum(dim=1).clamp(min=1)  # padding rows score nothing: 0 / 1
-    return sum_loss, mean_loss
-
-
-def hellaswag_losses(
-    model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=16, sort_by_length=True, progress=False
-):
-    """Per-ending losses (sum_losses, mean_losses), each a float tensor (len(examples), 4) on the CPU,
-    in the order of `examples`. progress: a progress bar with an ETA (on a terminal)."""
-    block_size = block_size_of(model)
+def hellaswag_losses(model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=16,
+                     sort_by_length=True, progress=False):
+    """Each ending's loss, summed over its tokens and per token: two (len(examples), 4) CPU tensors.
+    model maps tokens (B, T) to logits: our GPT (compiled or not) or a Hugging Face GPT2LMHeadModel."""
+    config = model.config  # (a compiled module passes attribute lookups through)
+    block_size = getattr(config, "block_size", None) or getattr(config, "n_positions", None)
     sum_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)  # row 4 * i + j: example i, ending j
     mean_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)
     batches = make_batches(examples, batch_size, block_size, pad_to_multiple, sort_by_length)
-    total = math.ceil(len(examples) / batch_size)
-    for batch in progress_bar(batches, progress, "HellaSwag", total=total):
-        sum_loss, mean_loss = ending_losses(model, batch.tokens.to(device), batch.scored.to(device), autocast_dtype)
-        rows = torch.tensor(batch.rows, device=device)
-        sum_losses[rows] = sum_loss[: len(rows)]  # the rows after len(rows) are padding
-        mean_losses[rows] = mean_loss[: len(rows)]
+    for batch in progress_bar(batches, progress, "HellaSwag", total=math.ceil(len(examples) / batch_size)):
+        tokens, scored = batch.tokens.to(device), batch.scored.to(device)
+        with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            output = model(tokens)
+        logits = output[0] if isinstance(output, tuple) else output.logits  # ours: (logits, loss); HF's: .logits
+        # The logits at position t predict the token at t + 1. Cross-entropy on the scored positions
+        # only: a fraction of all the logits, and always in fp32.
+        logits, targets, scored = logits[:, :-1], tokens[:, 1:], scored[:, 1:]
+        token_losses = torch.zeros(scored.shape, device=device)  # (rows, T - 1), zero where not scored
+        token_losses[scored] = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+        rows = torch.tensor(batch.rows, device=device)  # the rows after len(rows) are padding
+        sum_losses[rows] = token_losses.sum(dim=1)[: len(rows)]
+        mean_losses[rows] = (token_losses.sum(dim=1) / scored.sum(dim=1).clamp(min=1))[: len(rows)]
     # One device -> host copy, at the end: no waiting for the GPU after every batch.
     return sum_losses.view(-1, NUM_ENDINGS).cpu(), mean_losses.view(-1, NUM_ENDINGS).cpu()
 
 
-def hellaswag_counts(
-    model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, pad_to_multiple=16,
-    sort_by_length=True, progress=False,
-) -> dict:
-    """Score this rank's share of `examples` (a list from load_hellaswag): every world_size-th
-    example, from the rank-th.
-
-    Returns dict(correct=..., correct_norm=..., total=...) as ints: the caller adds them up across
-    ranks (all-reduce) and divides. acc = correct / total, acc_norm = correct_norm / total.
-    Ranks run different numbers of forward passes: pass the model itself (compiled or not), not its
-    DDP wrapper, whose forward may talk to the other ranks.
-
-    batch_size: examples per forward pass (4 rows each). autocast_dtype: None (fp32) or torch.bfloat16.
-    pad_to_multiple: round each batch's length up to a multiple of this, so that a compiled model sees
-    a few shapes; an eager model may use 1 (no wasted tokens). sort_by_length=False keeps the rows in
-    order (with batch_size=1, one example per forward: the slow baseline).
-    """
+def hellaswag_counts(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None,
+                     pad_to_multiple=16, sort_by_length=True, progress=False) -> dict:
+    """Score this rank's share of `examples` (every world_size-th, from the rank-th): dict(correct,
+    correct_norm, total); acc = correct / total, acc_norm = correct_norm / total. Ranks run different
+    numbers of forward passes: pass the model itself (compiled or not), not its DDP wrapper.
+    pad_to_multiple: 16 gives a compiled model few shapes; an eager one may use 1 (no wasted tokens)."""
     share = examples[rank::world_size]
-    sum_losses, mean_losses = hellaswag_losses(
-        model, share, device, batch_size, autocast_dtype, pad_to_multiple, sort_by_length, progress
-    )
+    sum_losses, mean_losses = hellaswag_losses(model, share, device, batch_size, autocast_dtype, pad_to_multiple,
+                                               sort_by_length, progress)
     labels = torch.tensor([example.label for example in share], dtype=torch.long)
-    return dict(
-        correct=int((sum_losses.argmin(dim=1) == labels).sum()),
-        correct_norm=int((mean_losses.argmin(dim=1) == labels).sum()),
-        total=len(share),
-    )
+    return dict(correct=int((sum_losses.argmin(dim=1) == labels).sum()),
+                correct_norm=int((mean_losses.argmin(dim=1) == labels).sum()), total=len(share))
+
+
+def hellaswag_counts_all_ranks(model, examples, device, rank=0, world_size=1, **kwargs) -> dict:
+    """hellaswag_counts over all ranks: each scores its share, then the counts are summed (all-reduce)."""
+    counts = hellaswag_counts(model, examples, device, rank=rank, world_size=world_size, **kwargs)
+    if world_size > 1:
+        summed = torch.tensor([counts["correct"], counts["correct_norm"], counts["total"]], device=device)
+        dist.all_reduce(summed)  # SUM
+        counts = dict(zip(("correct", "correct_norm", "total"), summed.tolist()))
+    return counts
+
+
+def hellaswag_for_training(config, master: bool, ddp: bool) -> tuple[list, Path]:
+    """The examples the training loop scores, and their file. Rank 0 downloads the val set if it must
+    (now, not at step 250) while the others wait; then every rank reads it."""
+    if master:
+        find_hellaswag_data(config.hellaswag_data or None)
+    if ddp:
+        dist.barrier()
+    path = find_hellaswag_data(config.hellaswag_data or None)
+    return load_hellaswag(path, config.hellaswag_limit or None), path
 
 
 # ---------------------------------------------------------------------------------------------------

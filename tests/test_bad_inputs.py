@@ -15,6 +15,7 @@ from conftest import TINY, train
 import bench
 import fineweb
 import hellaswag
+import plumbing
 import recipe_proxy
 import sample
 import train_gpt2 as t
@@ -80,7 +81,7 @@ def files(tmp_path_factory, shakespeare_shards, shared_data):
 def run(script, args, capsys):
     """(exit code, stdout, stderr) of `python <script>.py args`, run in this process."""
     with pytest.raises(SystemExit) as exit_info:
-        t.run_main(lambda: SCRIPTS[script]([str(a) for a in args]))
+        plumbing.run_main(lambda: SCRIPTS[script]([str(a) for a in args]))
     out, err = capsys.readouterr()
     code = exit_info.value.code
     if isinstance(code, str):  # sys.exit("error: ...") prints its message to stderr and exits with 1

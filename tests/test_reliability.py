@@ -59,12 +59,15 @@ def test_a_full_disk_during_a_save_loses_nothing(shakespeare_shards, tmp_path):
     optimizers = t.configure_optimizers(model, config, "cpu")
     loader = t.TrainLoader(shakespeare_shards, 2, 32)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    first = t.save_checkpoint(tmp_path, 1, model, optimizers, loader, config, None, scaler, t.rng_states("cpu"))
+    first = plumbing.checkpoint_path(tmp_path, 1)
+    plumbing.save_checkpoint_file(t.checkpoint_state(1, model, optimizers, loader, config, None, scaler,
+                                                     plumbing.rng_states("cpu")), first)
     (tmp_path / "ckpt_000002.pt.tmp").symlink_to("/dev/full")
-    with pytest.raises(t.UserError, match=f"no space left on the device.*--resume to continue from {first}"):
-        t.save_checkpoint(tmp_path, 2, model, optimizers, loader, config, None, scaler, t.rng_states("cpu"))
+    with pytest.raises(plumbing.UserError, match=f"no space left on the device.*--resume to continue from {first}"):
+        plumbing.save_checkpoint_file(t.checkpoint_state(2, model, optimizers, loader, config, None, scaler,
+                                                         plumbing.rng_states("cpu")), plumbing.checkpoint_path(tmp_path, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000001.pt"]
-    assert t.load_checkpoint(first)["step"] == 1
+    assert plumbing.load_checkpoint(first)["step"] == 1
 
 
 def test_resume_skips_an_unreadable_checkpoint_and_a_stale_temp_file(shakespeare_shards, tmp_path):
@@ -128,10 +131,10 @@ def test_fp16_with_a_gradient_scaler_trains_and_resumes_exactly(shakespeare_shar
 def test_random_states_survive_a_checkpoint(tmp_path):
     """Python's, NumPy's and torch's generators, through a file and torch.load(weights_only=True)."""
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    torch.save(t.rng_states("cpu"), tmp_path / "rng.pt")
+    torch.save(plumbing.rng_states("cpu"), tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    t.set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True), "cpu")
+    plumbing.set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True), "cpu")
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 

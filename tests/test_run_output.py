@@ -19,7 +19,7 @@ def test_a_run_prints_its_resolved_settings_and_a_summary(shakespeare_shards, tm
     train_tokens = t.TrainLoader(shakespeare_shards, 2, 32).windows_per_epoch * 64
     assert "on:     cpu (1 thread) | float32 | torch.compile off" in out  # not "auto" (tests run one thread a process)
     assert f"model:  {params / 1e6:.1f}M parameters (2 layers, 2 heads, 32 wide, block 32, vocab 50304) from a new GPT" in out
-    assert f"data:   {shakespeare_shards}/: {t.human(train_tokens)} train tokens in 2 shard(s); 256 val tokens per eval" in out
+    assert f"data:   {shakespeare_shards}/: {plumbing.human(train_tokens)} train tokens in 2 shard(s); 256 val tokens per eval" in out
     assert "recipe: AdamW lr 0.001, cosine schedule, warmup 3 steps" in out
     assert f"steps:  4 x 256 tokens = 1.0K tokens ({1024 / train_tokens:.2f} epochs); a step = 2 x 32 tokens x 1 process(es) x 4" in out
     summary = out[out.index("done: step 4 of 4"):]
@@ -56,7 +56,7 @@ def test_eta_counts_the_evaluations_samples_and_checkpoints_still_due(max_steps,
         samples = sum(1 for s in later if sample_interval and s > 0 and (s % sample_interval == 0 or s == last))
         checkpoints = sum(1 for s in later if (s + 1) % checkpoint_interval == 0 or s == last)
         expected = len(later) + 10 * evals + 100 * samples + 1000 * checkpoints
-        assert t.eta_seconds(step, config, seconds) == expected, step
+        assert plumbing.eta_seconds(step, config, seconds) == expected, step
 
 
 def test_help_lists_the_choices_the_on_off_defaults_and_the_presets():
