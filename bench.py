@@ -23,8 +23,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from plumbing import ArgumentParser, UserError, check_writable, peak_flops_for, pick_device, run_main
-from train_gpt2 import (GPT, GPTConfig, TrainConfig, configure_optimizers, find_hellaswag_data, flops_per_token, hellaswag_counts,
-                        load_hellaswag, mixed_precision, pick_dtype, train_step)
+from train_gpt2 import (GPT, LOSS_CHUNK_ROWS, GPTConfig, TrainConfig, chunked_cross_entropy, configure_optimizers,
+                        find_hellaswag_data, flops_per_token, hellaswag_counts, load_hellaswag, mixed_precision, pick_dtype,
+                        train_step)
 
 SIZES = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128),
@@ -70,15 +71,11 @@ class HFPeer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# What is measured (impl): "ours", our GPT as it trains by default; "ours_plain_loss", the same with the
-# plain loss (full logits, F.cross_entropy) instead of LinearCrossEntropy, to show what that does; and
-# "hf", Hugging Face's GPT-2 as the peer.
+# What is measured (impl): "ours", our GPT with the plain loss (as it trains on GPUs), and "hf", Hugging
+# Face's GPT-2 as the peer.
 def build(impl: str, config: GPTConfig, device: str) -> nn.Module:
     torch.manual_seed(0)
-    model = HFPeer(config) if impl == "hf" else GPT(config)
-    if impl == "ours_plain_loss":
-        model.loss_chunk_rows = 0
-    return model.to(device)
+    return (HFPeer(config) if impl == "hf" else GPT(config)).to(device)
 
 
 def sync(device: str):
@@ -130,20 +127,18 @@ def bench_training(config, args, device, dtype, impls) -> dict:
 def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_step=False) -> float:
     """Greedy generation tokens/s for a batch of 10-token prompts, with or without the KV cache, and
     (ours) with the one-token step compiled (a CUDA graph on GPUs) or not."""
-    model = build(impl, config, device).eval()
-    autocast, _ = mixed_precision(device, dtype)
+    model = build(impl, config, device).eval().to(dtype)  # weights in the dtype it decodes in: no per-token casts
     prompt = torch.randint(0, config.vocab_size, (args.sample_batch, 10), device=device)
     new = min(args.sample_tokens, config.block_size - 10)
     times = []
     for _ in range(2):  # the first run warms up (and compiles)
         sync(device)
         t0 = time.perf_counter()
-        with autocast:
-            if impl != "hf":
-                model.generate(prompt, new, temperature=0, use_kv_cache=use_cache, compile_step=compile_step)
-            else:
-                model.hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
-                                  pad_token_id=0)
+        if impl != "hf":
+            model.generate(prompt, new, temperature=0, use_kv_cache=use_cache, compile_step=compile_step)
+        else:
+            model.hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
+                              pad_token_id=0)
         sync(device)
         times.append(time.perf_counter() - t0)
     del model
@@ -167,6 +162,46 @@ def bench_hellaswag(impl, config, args, device, dtype) -> float | None:
     sync(device)
     del model, scorer
     return len(examples) / (time.perf_counter() - t0)
+
+
+def loss_cost(chunked: bool, rows: int, n_embd: int, device: str, dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
+    """The classifier and the loss, forward and backward, over `rows` positions of width n_embd, with
+    the plain loss (every logit, then F.cross_entropy) or the chunked one (chunked_cross_entropy): the
+    median milliseconds of `repeats`, and the peak memory in GiB (on a GPU the allocator's peak above
+    the inputs; on a CPU the process's peak, so bench_loss runs each case in a fresh process)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_pad_multiple=64)
+    x = torch.randn(rows, n_embd, device=device, requires_grad=True)
+    weight = (0.02 * torch.randn(config.padded_vocab_size, n_embd, device=device)).requires_grad_()
+    targets = torch.randint(0, config.vocab_size, (rows,), device=device)
+    autocast, _ = mixed_precision(device, dtype)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        x.grad = weight.grad = None
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            if chunked:
+                loss = chunked_cross_entropy(x, weight[: config.vocab_size], targets, LOSS_CHUNK_ROWS)
+            else:
+                loss = F.cross_entropy(F.linear(x, weight)[:, : config.vocab_size].float(), targets)
+        loss.backward()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        return 1000 * statistics.median(times[1:]), (torch.cuda.max_memory_allocated(device) - baseline) / 2**30
+    return 1000 * statistics.median(times[1:]), peak_rss_gib()
+
+
+def bench_loss(config, args, device, dtype, chunked: bool) -> tuple[float, float]:
+    """loss_cost at the training step's shape (B x T rows), in a fresh process (spawned)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(loss_cost, (chunked, args.batch_size * config.block_size, config.n_embd, device, dtype))
 
 
 def finetune_step_memory(config: GPTConfig, batch_size: int, device: str, dtype: torch.dtype, lora_rank: int) -> float:
@@ -217,8 +252,8 @@ def free_memory(device):
 
 
 PARTS = {
-    "train": "training step: ours vs HF (and, with loss, ours with the plain loss)",
-    "loss": "LinearCrossEntropy vs the plain loss, in the training step",
+    "train": "training step: ours vs HF",
+    "loss": "the chunked loss (F.linear_cross_entropy) vs the plain one: time and peak memory of the classifier + loss",
     "hellaswag": "HellaSwag examples/s: ours vs HF",
     "sample": "sampling tok/s, with and without the KV cache: ours vs HF",
     "decode": "sampling with the compiled one-token step vs the plain one",
@@ -282,8 +317,7 @@ def main(argv=None):
         rows.append(dict(name=name, unit=unit, **values))
 
     if "train" not in skip:
-        impls = ("ours", "ours_plain_loss", "hf") if "loss" not in skip else ("ours", "hf")
-        train = bench_training(config, args, device, dtype, impls)
+        train = bench_training(config, args, device, dtype, ("ours", "hf"))
         free_memory(device)
         rows.append(dict(name="train step", unit="tok/s", ours=train["ours"]["tok_per_s"], hf=train["hf"]["tok_per_s"]))
         rows.append(dict(name="train step time", unit="ms", ours=train["ours"]["step_ms"], hf=train["hf"]["step_ms"]))
@@ -291,12 +325,13 @@ def main(argv=None):
             rows.append(dict(name="MFU", unit="%", ours=100 * train["ours"]["mfu"], hf=100 * train["hf"]["mfu"]))
         if train["ours"]["peak_mem_gb"] is not None:
             rows.append(dict(name="peak memory", unit="GiB", ours=train["ours"]["peak_mem_gb"], hf=train["hf"]["peak_mem_gb"]))
-        if "ours_plain_loss" in train:
-            plain = train["ours_plain_loss"]
-            effects.append(dict(name="chunked loss: train step", unit="tok/s", on=train["ours"]["tok_per_s"], off=plain["tok_per_s"]))
-            if plain["peak_mem_gb"] is not None:
-                effects.append(dict(name="chunked loss: peak memory", unit="GiB", on=train["ours"]["peak_mem_gb"],
-                                    off=plain["peak_mem_gb"]))
+    if "loss" not in skip:
+        (chunked_ms, chunked_gib), (plain_ms, plain_gib) = (bench_loss(config, args, device, dtype, chunked)
+                                                            for chunked in (True, False))
+        kind = "GPU allocator" if device.startswith("cuda") else "process RSS"
+        effects.append(dict(name=f"chunked loss, B x T = {args.batch_size * config.block_size:,} rows: time", unit="ms",
+                            on=chunked_ms, off=plain_ms))
+        effects.append(dict(name=f"chunked loss: peak memory ({kind})", unit="GiB", on=chunked_gib, off=plain_gib))
     if "hellaswag" not in skip and args.hellaswag_limit:
         measure("HellaSwag", "examples/s", lambda impl: bench_hellaswag(impl, config, args, device, dtype))
     if "sample" not in skip:

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from plumbing import ArgumentParser, UserError, pick_device, run_main
-from train_gpt2 import encode_prompt, get_tokenizer, load_model
+from train_gpt2 import encode_prompt, get_tokenizer, load_model, pick_dtype
 
 
 def parse_args(argv=None):
@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="random seed of the sampler")
     p.add_argument("--stop_at_eot", action="store_true", help="end a sample at <|endoftext|>")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, mps, cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="the weights' dtype while sampling (auto: bfloat16 on GPUs that have it, float16 on older ones, else float32)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="compile the one-token step (a CUDA graph on GPUs; auto: on for CUDA); pays off over many tokens")
     args = p.parse_args(argv)
@@ -92,6 +94,7 @@ def text_loss(model, tokens: list[int], device: str, max_tokens: int, batch_size
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     eval_tokens = read_eval_text(args.eval_text) if args.eval_text else None  # a bad file fails before any model loads
     enc = get_tokenizer()
     prompt = encode_prompt(args.prompt)  # '' is <|endoftext|>: the start of a document
@@ -100,7 +103,7 @@ def main(argv=None):
     labels = ["A", "B"] if args.compare else [""]
     models = {}
     for label, reference in zip(labels, references):
-        models[label] = load_model(reference, device)
+        models[label] = load_model(reference, device).to(dtype)  # decoded in the dtype it is held in
         print(f"model{' ' + label if label else ''}: {models[label].source}")
     losses = {}
     for label, model in models.items():

@@ -198,9 +198,7 @@ class GPT(nn.Module):
         # 38.6M parameters (30% of the 124M model). GPT-2 does this.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # Rows of logits per chunk of the memory-saving loss (section 11): 8192 rows of 50,304 fp32
-        # logits are 1.6 GB at a time instead of 13 GB for a 64 x 1024 micro-batch. 0: the plain loss.
-        self.loss_chunk_rows = 8192
+        self.loss_chunk_rows = 0  # 0: the plain loss below; N: the memory-saving loss of section 11, N rows at a time
         self.lora = None  # LoRA adapters' settings once add_lora gives it some (section 12)
         self.source = "a new GPT"  # what it was loaded from, for the user (section 14)
 
@@ -250,12 +248,10 @@ class GPT(nn.Module):
         # but their logits are whatever their rows give: about 0, while a trained GPT-2 puts every real
         # logit near -60, so left in the softmax they would take nearly all the probability.
         x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
-        if not self.loss_chunk_rows:  # the plain way: every logit, then the cross-entropy (in fp32)
+        if not self.loss_chunk_rows:  # every logit, then the cross-entropy (in fp32: a softmax over 50,257)
             loss = F.cross_entropy(self.lm_head(x)[:, :vocab_size].float(), targets)
         else:  # the same loss and gradients without the full logits (section 11)
-            weight, grad = self.lm_head.weight, torch.is_grad_enabled()
-            loss = LinearCrossEntropy.apply(x, weight, targets, vocab_size, self.loss_chunk_rows,
-                                            grad and x.requires_grad, grad and weight.requires_grad)
+            loss = chunked_cross_entropy(x, self.lm_head.weight[:vocab_size], targets, self.loss_chunk_rows)
         return None, loss
 
     # -----------------------------------------------------------------------------------------------
@@ -364,13 +360,11 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # all written in place
         tokens[:, :T] = idx
-        device_type = idx.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.lm_head.weight.dtype
-        kv_cache = self.empty_kv_cache(B, idx.device, dtype, fixed_shapes=compile_step) if use_kv_cache else None
-        step = self.compiled_decode_step(idx.device.type) if compile_step else self.decode_step
+        decoder = self.kv_decoder(B, idx.device) if use_kv_cache else None  # section 10
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         n = T  # tokens so far
-        logits, _ = self(idx[:, -block_size:], kv_cache=kv_cache, last_only=True)  # the prompt in one pass
+        prompt = idx[:, -block_size:]  # the prompt in one pass
+        logits = decoder.prefill(prompt, fixed_shapes=compile_step) if decoder else self(prompt, last_only=True)[0]
         for i in progress_bar(range(max_new_tokens), progress, "sampling", unit="tok"):
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_at_eot:
@@ -380,10 +374,8 @@ class GPT(nn.Module):
             n += 1
             if i == max_new_tokens - 1 or (stop_at_eot and finished.all()):
                 break
-            if kv_cache is not None and n <= block_size:  # the new token's position n - 1 has a slot
-                if compile_step:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are read: reuse them
-                logits = step(next_token, kv_cache)
+            if decoder is not None and n <= block_size:  # the new token's position n - 1 has a slot
+                logits = decoder.step(next_token, compiled=compile_step)
             else:
                 # No cache, or the context outgrew the block: run the last block_size tokens again. (A
                 # sliding KV cache cannot do this: GPT-2's positions are learned embeddings, and every
@@ -391,26 +383,15 @@ class GPT(nn.Module):
                 logits, _ = self(tokens[:, max(0, n - block_size) : n], last_only=True)
         return tokens[:, :n]
 
-    # The KV cache's part of GPT (section 10): a cache to fill, and the one-token step that fills it.
-
-    def empty_kv_cache(self, batch_size: int, device, dtype, fixed_shapes: bool = True) -> "KVCache":
-        """A static KV cache, emptied. The last one is kept and reused for the same batch size: a decode
-        step captured as a CUDA graph is then replayed by the next generate(), not captured again."""
-        cache = getattr(self, "_kv_cache", None)
-        if cache is None or cache.k.shape[1] != batch_size or cache.k.device != device or cache.k.dtype != dtype:
-            cache = self._kv_cache = KVCache(self.config, batch_size, device, dtype)
-        cache.reset(fixed_shapes)
-        return cache
-
-    def decode_step(self, token, kv_cache):
-        """One new token per row, after the cached ones: (B, 1) -> logits of the next token (B, 1, vocab)."""
-        return self(token, kv_cache=kv_cache, last_only=True)[0]
-
-    def compiled_decode_step(self, device_type: str):
-        if getattr(self, "_compiled_decode_step", None) is None:
-            mode = "reduce-overhead" if device_type == "cuda" else None  # reduce-overhead = CUDA graphs
-            self._compiled_decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
-        return self._compiled_decode_step
+    def kv_decoder(self, batch_size: int, device) -> "KVDecoder":
+        """A KV cache and the decode step that fills it (section 10), in the dtype the model computes in
+        (autocast's if it is on); the last one is reused for the same batch size."""
+        device_type = torch.device(device).type
+        autocast = torch.is_autocast_enabled(device_type)
+        key = (batch_size, torch.device(device), torch.get_autocast_dtype(device_type) if autocast else self.lm_head.weight.dtype)
+        if getattr(self, "_decoder", None) is None or self._decoder.key != key:
+            self._decoder = KVDecoder(self, *key)
+        return self._decoder
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -691,6 +672,8 @@ class TrainConfig:
     dtype: str = setting("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, else float32",
                          choices=("auto", "bfloat16", "float16", "float32"))
     compile: str = setting("auto", "torch.compile the model (auto: on for CUDA)", choices=("auto", "on", "off"))
+    loss: str = setting("auto", "plain: every logit, then F.cross_entropy; chunked: a chunk of rows at a time, less "
+                        "memory (section 11); auto: chunked on CPUs, where it is faster too", choices=("auto", "plain", "chunked"))
     seed: int = setting(1337, "seed of the model init")
     peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)",
                                 rule="non_negative_number")
@@ -796,10 +779,11 @@ def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progres
 
 
 def setup_distributed(requested_device: str):
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train_gpt2.py` is one process.
-    Returns (ddp, rank, local_rank, world_size, device)."""
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train_gpt2.py` is one process, and
+    so is torchrun with one (without DDP, whose wrapper would only cut the compiled graph at its
+    gradient buckets). Returns (ddp, rank, local_rank, world_size, device)."""
     device = pick_device(requested_device)
-    if "RANK" not in os.environ:
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return False, 0, 0, 1, device
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
@@ -828,6 +812,15 @@ def mixed_precision(device: str, dtype: torch.dtype):
     # fp16's narrow range would flush small gradients to zero: the scaler scales the loss up (and back).
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     return autocast, scaler
+
+
+def compile_model(model: GPT, backend="inductor"):
+    """(training entry, evaluation entry) of the model, compiled; both share its parameters. Training
+    compiles one graph of fixed shapes (dynamic=False). Evaluation meets other shapes (a partial last
+    val batch, HellaSwag's lengths), so it has an entry of its own, which may compile them dynamically
+    without ever turning the training graph dynamic. Sampling runs the plain module, whose sequence
+    length changes every token, with a compiled decode step of its own (section 10)."""
+    return torch.compile(model, dynamic=False, backend=backend), torch.compile(model, backend=backend)
 
 
 def flops_per_token(model: GPT, T: int) -> float:
@@ -869,6 +862,20 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value, stepped
+
+
+def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: GPT | None = None,
+                  compile_step: bool = False) -> tuple[list[str], GPT]:
+    """config.num_samples continuations of config.sample_prompt (top-k 50, a seed of their own, so that
+    the training RNG stays untouched), as texts, and the copy of the model that wrote them, its weights
+    in `dtype` (decoding_copy, section 10): pass it back next time."""
+    sampler = decoding_copy(model, dtype, sampler)
+    device = model.lm_head.weight.device
+    prompt = torch.tensor([encode_prompt(config.sample_prompt)] * config.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(42)
+    samples = sampler.generate(prompt, config.sample_tokens, top_k=50, generator=generator, compile_step=compile_step,
+                               progress=True)
+    return [get_tokenizer().decode(row) for row in samples.tolist()], sampler
 
 
 def checkpoint_state(step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig, val_loss, scaler,
@@ -937,6 +944,8 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                 dist.barrier()
         torch.manual_seed(config.seed)
         model = build_model(config, checkpoint).to(device)  # new, pretrained or resumed (section 14)
+        if config.loss == "chunked" or (config.loss == "auto" and device_type == "cpu" and hasattr(F, "linear_cross_entropy")):
+            model.loss_chunk_rows = LOSS_CHUNK_ROWS  # the memory-saving loss (section 11)
         if T > model.config.block_size:
             raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
         vocab_size = model.config.vocab_size
@@ -950,12 +959,10 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
             start_step, val_loss = restore_checkpoint(checkpoint, optimizers, scaler, train_loader, device, rank)
             checkpoint = run.checkpoint = None  # its tensors are copied: free them
 
-        # torch.compile fuses the model's small operations into a few large kernels. The compiled module
-        # shares its parameters with `model`: training and evaluation use the compiled one, sampling (whose
-        # sequence length changes every token) uses the plain one, so nothing recompiles step after step.
+        # torch.compile fuses the model's small operations into a few large kernels (compile_model).
         # DDP averages the gradients of all ranks during backward.
         use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
-        compiled = torch.compile(model) if use_compile else model
+        compiled, evaluator = compile_model(model) if use_compile else (model, model)
         train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else compiled
         hellaswag_examples = None
         if config.hellaswag and config.eval_interval:
@@ -966,7 +973,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         run.start(start_step)  # every setting, the data and the model are good: the log starts (--overwrite: anew)
         peak_flops = config.peak_flops or peak_flops_for(device, dtype)
         flops_per_step = flops_per_token(model, T) * config.total_batch_size
-        enc = get_tokenizer()
+        sampler = None  # the model in the dtype sampling computes in, made at the first sample (section 10)
 
         step = start_step
         for step in range(start_step, config.max_steps):
@@ -975,11 +982,11 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
             # once in a while: evaluate the val loss and HellaSwag
             if config.eval_interval and (step % config.eval_interval == 0 or last_step):
                 with run.timed("eval"):
-                    val_loss, _ = evaluate_val_loss(compiled, val_loader, autocast, ddp, progress=master)
+                    val_loss, _ = evaluate_val_loss(evaluator, val_loader, autocast, ddp, progress=master)
                     run.say(f"step {step:5d} | val loss {val_loss:.4f}")
                     run.log(step, val=f"{val_loss:.6f}")
-                    if hellaswag_examples is not None:  # every rank scores its share, with `compiled`, not DDP's wrapper
-                        counts = hellaswag_counts_all_ranks(compiled, hellaswag_examples, device, rank, world_size, progress=master,
+                    if hellaswag_examples is not None:  # every rank scores its share (not through DDP's wrapper)
+                        counts = hellaswag_counts_all_ranks(evaluator, hellaswag_examples, device, rank, world_size, progress=master,
                                                             autocast_dtype=None if dtype == torch.float32 else dtype)
                         acc_norm = counts["correct_norm"] / counts["total"]
                         run.say(f"step {step:5d} | HellaSwag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
@@ -987,13 +994,8 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
 
             # once in a while: show what the model writes
             if master and config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
-                with run.timed("sample"):
-                    prompt = torch.tensor([encode_prompt(config.sample_prompt)] * config.num_samples, device=device)
-                    generator = torch.Generator(device=device).manual_seed(42)  # its own: the training RNG stays untouched
-                    with autocast:  # the decode step compiles to a CUDA graph on GPUs; a CPU gains nothing from it
-                        samples = model.generate(prompt, config.sample_tokens, top_k=50, generator=generator,
-                                                 compile_step=use_compile and device_type == "cuda", progress=True)
-                    texts = [enc.decode(row) for row in samples.tolist()]
+                with run.timed("sample"):  # the decode step compiles to a CUDA graph on GPUs; a CPU gains nothing from it
+                    texts, sampler = write_samples(model, config, dtype, sampler, compile_step=use_compile and device_type == "cuda")
                     run.say("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
                     run.text(step, "samples", "\n\n".join(texts))
 
@@ -1042,52 +1044,55 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
 # launches: the GPU waits for Python. generate(compile_step=True) compiles the one-token step (fixed
 # shapes, thanks to the static KV cache) and, on CUDA, captures it as a CUDA graph that replays all its
 # kernels in one launch. It compiles once per batch size, and pays off over many tokens.
+#
+# A decode step reads every weight for a handful of tokens, so it runs on weights already in the dtype
+# it computes in: decoding_copy casts them once per sampling event, where autocast would cast every
+# weight (the 50,304 x 768 embedding included) on every token.
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens already seen, so that sampling one more token
-    costs one position's work instead of re-running the whole sequence.
+    """Keys and values of every layer for the tokens already seen.
 
     "Static": room for block_size positions is allocated once, and a step writes its new keys/values
-    into their slots and attends over all of them, with a mask that hides the slots not yet filled.
-    Every step then has the same shapes and the same tensors, whatever the position, so one compiled
-    decode step (captured as a CUDA graph on GPUs, see GPT.generate) serves the whole generation. For
-    the same reason the count of cached tokens is a tensor on the device: a Python int would be baked
-    into the compiled step as a constant.
-
-    Uncompiled (fixed_shapes=False), attention reads only the slots filled so far: the same result
-    without the work on empty slots, which costs a CPU ~5% of a 124M model's short generations.
+    into their slots. Attention reads the first `width` slots, with a mask that hides those not yet
+    filled. Uncompiled, width is the number of filled slots. For a compiled step (fixed_shapes=True) it
+    is rounded up to a power of two, at least 64: a few shapes for the whole generation (five for a
+    1024-token block, each compiled once), and at most twice the slots needed (reading all 1,024 made
+    a compiled 124M step 20% slower than eager on a CPU). The tensors are the same at every step, and
+    the count of cached tokens is a tensor on the device: a Python int would be baked into the compiled
+    step as a constant. Each layer has tensors of its own, which the compiled step writes in place
+    (slices of one big tensor were written through copies, and the whole cache copied back each token).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device="cpu", dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # dtype: what the model computes in (bf16 under autocast)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)  # (B, nh, slots, hs)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens cached so far
         self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
         self.reset(fixed_shapes=True)
-        if self.k.is_cuda:  # tell torch.compile these tensors keep their address: a CUDA graph writes to them
-            for tensor in (self.k, self.v, self.length):
-                torch._dynamo.mark_static_address(tensor)
+        for tensor in (*self.k, *self.v, self.length):  # tell torch.compile they keep their address (CUDA graphs)
+            torch._dynamo.mark_static_address(tensor)
 
     def reset(self, fixed_shapes: bool):
         self.length.zero_()  # what the slots still hold is masked until written again
         self.fixed_shapes = fixed_shapes
-        self.filled = 0  # = length, as a Python int: read only when the shapes may change
+        self.filled = self.width = 0  # = length, as a Python int; the slots attention reads
+
+    def advance(self, T: int):
+        """Count T more tokens on the Python side, and widen what attention reads if they need it."""
+        self.filled += T
+        self.width = max(64, 1 << (self.filled - 1).bit_length()) if self.fixed_shapes else self.filled
+        self.width = min(self.width, self.slots.numel())
 
     def step(self, T: int):
         """Make room for T new tokens: (their positions (T,), the attention mask (T, slots read))."""
+        if not torch.compiler.is_compiling():  # a compiled step is advanced before it runs (KVDecoder.step)
+            self.advance(T)
         positions = self.length + torch.arange(T, device=self.length.device)
-        if not self.fixed_shapes:
-            self.filled += T
         mask = self.slots[None, : self.width] <= positions[:, None]  # a new token sees the cached tokens and itself
         self.length += T  # in place: the same tensor every step
         return positions, mask
-
-    @property
-    def width(self) -> int:
-        """How many slots attention reads: all of them, or only the filled ones."""
-        return self.slots.numel() if self.fixed_shapes else self.filled
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Write this layer's new keys/values (B, nh, T, hs) into their slots; return the slots read (B, nh, width, hs)."""
@@ -1096,63 +1101,82 @@ class KVCache:
         return self.k[layer][:, :, : self.width], self.v[layer][:, :, : self.width]
 
 
+class KVDecoder:
+    """Sampling with a KV cache, for one batch size: the prompt in one pass, then one token a step,
+    eager or compiled. GPT.kv_decoder keeps the last one, so that the next generate() of the same batch
+    size replays the compiled step (and its CUDA graph) instead of capturing it again."""
+
+    def __init__(self, model: GPT, batch_size: int, device, dtype):
+        self.model, self.key = model, (batch_size, torch.device(device), dtype)
+        self.cache = KVCache(model.config, batch_size, device, dtype)  # dtype: what the model computes in
+        self.compiled_step = None
+
+    def prefill(self, idx, fixed_shapes: bool):
+        """Empty the cache, then read the prompt (B, T) in one pass: the logits of its last position."""
+        self.cache.reset(fixed_shapes)
+        return self.model(idx, kv_cache=self.cache, last_only=True)[0]
+
+    def step(self, token, compiled: bool):
+        """One new token per row, after the cached ones: (B, 1) -> logits of the next token (B, 1, vocab)."""
+        if not compiled:
+            return self.eager_step(token)
+        if self.compiled_step is None:
+            mode = "reduce-overhead" if self.cache.length.is_cuda else None  # reduce-overhead = CUDA graphs
+            self.compiled_step = torch.compile(self.eager_step, mode=mode, fullgraph=True)
+        self.cache.advance(1)  # outside the graph, which sees only the width (and recompiles when it doubles)
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits have been read: reuse their memory
+        return self.compiled_step(token)
+
+    def eager_step(self, token):
+        return self.model(token, kv_cache=self.cache, last_only=True)[0]
+
+
+def decoding_copy(model: GPT, dtype: torch.dtype, previous: GPT | None = None) -> GPT:
+    """The model with its weights in `dtype`, the dtype sampling computes in (bfloat16 on GPUs that
+    have it): the model itself if they already are, else a copy. `previous`, the copy made at the last
+    sampling event, is refreshed in place, so that its compiled decode step is reused."""
+    weight = model.lm_head.weight
+    if weight.dtype == dtype:
+        return model
+    if previous is None:
+        with torch.device(weight.device):  # built where it runs, then cast: once per run
+            previous = GPT(model.config)
+        if model.lora:
+            lora = model.lora
+            add_lora(previous, lora["rank"], lora["alpha"], lora["targets"], lora["also_train"])
+        previous = previous.to(dtype).eval()
+    previous.load_state_dict(model.state_dict())  # copy_ casts each weight
+    return previous
+
+
 # ---------------------------------------------------------------------------------------------------
 # 11. The memory-saving loss
 #
-# The logits are the largest tensor of training. GPT.loss_chunk_rows (the default, 8192) computes the
-# classifier and the loss a chunk of rows at a time, with the same loss and gradients as the plain
-# F.cross_entropy of section 2 (the tests hold it to that).
+# The logits are the largest tensor of training: 64 x 1024 positions x 50,304 tokens is 6.6 GB in bf16,
+# and their gradient as much again. --loss chunked (GPT.loss_chunk_rows) computes the classifier and
+# the loss a chunk of rows at a time with PyTorch's F.linear_cross_entropy (torch 2.13+), which also
+# computes each chunk's gradient right away, so that a chunk's logits live only while it is processed:
+# the same loss and gradients as the plain F.cross_entropy of section 2 (the tests hold it to that),
+# for memory-bound runs such as fine-tuning a larger GPT-2 on a small GPU. On a GPU, torch.compile
+# fuses the plain loss well, so the plain loss is the default there; on a CPU, whose matmuls are slow,
+# the chunked one is faster too (README, Performance), and the default.
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """The classifier and the loss in one step: the mean cross-entropy of logits = x @ weight^T against
-    the targets, a chunk of rows at a time, so that the (rows, vocab) logits never exist all at once.
+LOSS_CHUNK_ROWS = 1024  # 1024 x 50,304 fp32 logits: 206 MB at a time
 
-    The logits are the largest tensor of training: 64 x 1024 positions x 50,304 tokens is 6.6 GB in
-    bf16, written by the classifier, read by the softmax, read again by its backward. Here each chunk's
-    logits live only while that chunk is processed, and the gradient is computed right away, in the
-    forward pass, from the rule that makes cross-entropy cheap: d loss / d logits = softmax(logits) -
-    one_hot(target). Backward only scales the saved gradients by grad_output / rows (mean, and the
-    1/grad_accum_steps or fp16 loss scale that arrives as grad_output).
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk_rows: int, want_grad_x: bool, want_grad_weight: bool):
-        # x (rows, C), weight (padded_vocab, C), targets (rows,). No gradient is computed that nobody wants:
-        # none in evaluation, none for a frozen weight (LoRA fine-tuning, section 5).
-        rows = x.size(0)
-        padded = torch.arange(weight.size(0), device=x.device) >= vocab_size  # the padded vocab columns
-        loss_sum = torch.zeros((), device=x.device)
-        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if want_grad_x else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad_weight else None
-        for start in range(0, rows, chunk_rows):
-            x_chunk, target = x[start : start + chunk_rows], targets[start : start + chunk_rows, None]
-            logits = (x_chunk @ weight.t()).float()  # (chunk, padded_vocab); a bf16 matmul under autocast
-            if vocab_size < weight.size(0):  # padded columns get -inf: no probability, no gradient
-                logits.masked_fill_(padded, float("-inf"))
-            # The softmax, in place to keep to one chunk-sized tensor: shifting by the row's max changes
-            # nothing (the shift cancels) but keeps exp() from overflowing.
-            logits -= logits.amax(dim=1, keepdim=True)
-            target_logit = logits.gather(1, target)
-            probs = logits.exp_()
-            norm = probs.sum(dim=1, keepdim=True)
-            loss_sum += (norm.log() - target_logit).sum()  # -log softmax(logits)[target], summed over rows
-            if want_grad_x or want_grad_weight:  # softmax - one_hot; autocast runs the matmuls in bf16, as in backward
-                grad_logits = probs.div_(norm).scatter_add_(1, target, -torch.ones_like(norm))
-                if want_grad_x:  # the classifier's backward, one half ...
-                    grad_x[start : start + chunk_rows] = grad_logits @ weight
-                if want_grad_weight:  # ... and the other
-                    grad_weight += grad_logits.t() @ x_chunk
-        ctx.save_for_backward(grad_x, grad_weight)
-        ctx.rows = rows
-        return loss_sum / rows
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_x, grad_weight = ctx.saved_tensors
-        scale = grad_output / ctx.rows
-        return (grad_x * scale if grad_x is not None else None, grad_weight * scale if grad_weight is not None else None,
-                None, None, None, None, None)
+def chunked_cross_entropy(x, weight, targets, chunk_rows: int):
+    """F.cross_entropy(x @ weight.T, targets), chunk_rows rows at a time. x (rows, C), weight (vocab, C).
+    Older torch, without F.linear_cross_entropy: the plain loss."""
+    if not hasattr(F, "linear_cross_entropy"):
+        return F.cross_entropy(F.linear(x, weight).float(), targets)
+    # allow_retain_graph: torch.compile needs it, and would set it with a warning
+    options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=chunk_rows,
+                                                 allow_retain_graph=torch.compiler.is_compiling())
+    # In float32 (TF32 matmuls on GPUs), also under autocast: given bf16 inputs it would return a bf16
+    # loss, 10.875 for 10.854, too coarse to log.
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear_cross_entropy(x.float(), weight.float(), targets, options=options)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1678,6 +1702,8 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
         raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if config.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
+        raise UserError(f"--loss chunked needs torch 2.13 or newer (F.linear_cross_entropy); this is torch {torch.__version__}")
     if config.resume and config.overwrite:
         raise UserError("--resume continues the run in --log_dir and --overwrite deletes it: give one of them")
     if len(set(split_list(config.lora_targets))) < len(split_list(config.lora_targets)):
@@ -1724,7 +1750,8 @@ def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compil
     tokens = config.max_steps * config.total_batch_size
     train_tokens = train_loader.windows_per_epoch * config.micro_batch_size * config.block_size
     lines = [
-        f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'}",
+        f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'} | "
+        f"{'chunked' if model.loss_chunk_rows else 'plain'} loss",
         f"model:  {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
         f"block {c.block_size}, vocab {c.padded_vocab_size}) from {model.source}",
         f"data:   {config.data_dir}/: {human(train_tokens)} train tokens in {len(train_loader.shards)} shard(s); "

@@ -1,154 +1,167 @@
 #!/usr/bin/env bash
-# Every GPU-only check and measurement, for a machine with a CUDA GPU (torch >= 2.11 installed there).
-# Run from the repo root; results go under $OUT (or ./gpu_results):
+# Every GPU check and measurement in one command that fits a short GPU rental: one GPU, under ~8 minutes
+# of running, torch >= 2.11, no internet, nothing outside the checkout.
 #
-#   bash .ci/gpu_checks.sh [hellaswag_val.jsonl] [shard folder] [documents.jsonl]
+#   bash .ci/gpu_checks.sh --prepare               # here, once, with ../shared beside the repo: the data into .gpu/
+#   bash .ci/gpu_checks.sh --out DIR               # on the GPU machine, in the checkout with .gpu/ copied along
+#   bash .ci/gpu_checks.sh --dry-run --out DIR     # the same steps at toy sizes on a CPU (the test suite runs it)
 #
-# The shard folder holds FineWeb tokens made here by fineweb.py (the GPU machine has no `datasets` and no
-# internet), e.g. from the 2,800-document sample:
-#   python fineweb.py --input ../shared/data/fineweb_legal_sample.jsonl --out_dir .gpu/legal_shards \
-#       --shard_size 2000000 --val_tokens 262144
-# PARTS picks what runs (default: all), so that the whole set fits two calls of 10 minutes:
-#   PARTS="correctness run" bash .ci/gpu_checks.sh ...   then   PARTS="bench memory recipe" bash .ci/gpu_checks.sh ...
-#   correctness  compiled bf16 runs under torchrun (NCCL) with eval, HellaSwag, compiled sampling (CUDA
-#                graphs), checkpoint and resume: the default recipe, the fast one (Muon + WSD), LoRA; fp16
-#   run          the real 124M step (B=64, T=1024, 2^19 tokens/step, bf16, compile) on real shards,
-#                AdamW and Muon: tok/s, MFU, Muon's cost per step
-#   bench        bench.py: ours vs HF (train step, HellaSwag, sampling) and each optimisation on vs off
-#                (chunked loss incl. peak memory, compiled decode step), compile on and off, B=16 and 64
-#   memory       peak memory of full vs LoRA fine-tuning: 124M and 350M (GPT-2 medium's shape), T=1024, bf16
-#   recipe       recipe_proxy.py at the 124M shape on documents.jsonl (e.g. ../shared/data/fineweb_legal_sample.jsonl,
-#                its last 8% held out): default vs fast at equal tokens, and the fast recipe's token speedup
+# .gpu/ (ignored by git, ~25 MB) holds FineWeb token shards made by fineweb.py from the 2,800-document sample
+# and a copy of hellaswag_val.jsonl. Results: DIR/summary.txt (a line per figure or check, then the verdict)
+# and DIR/results.tar.gz (every log). The parts run in order of value, each under a time limit, so that a
+# slow part costs its own figures only:
+#   train        the 124M step on real shards (B=64, T=1024, 2^19 tokens, bf16, compile): tok/s and MFU with
+#                AdamW and with Muon (the plain loss), and AdamW with the chunked loss (torch 2.13+ only)
+#   decode       sampling 124M, bf16 weights: tok/s at B=1 and B=4, the compiled decode step (a CUDA graph) vs eager
+#   correctness  the compiled decode step samples the eager step's tokens; CUDA logits equal CPU logits; the
+#                chunked loss equals the plain one; a compiled run (eval, HellaSwag, samples) stopped and resumed
 set -uo pipefail
-OUT=${OUT:-gpu_results}
+cd "$(dirname "$0")/.."
+DATA=.gpu OUT=${OUT:-gpu_results} DRY=0 PREPARE=0
+while (($#)); do
+  case "$1" in
+    --prepare) PREPARE=1 ;;
+    --dry-run) DRY=1 ;;
+    --out) OUT=$2; shift ;;
+    --data) DATA=$2; shift ;;
+    *) echo "error: unknown argument $1 (see the top of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=${PYTHON:-python}
+if ((PREPARE)); then
+  shared=../shared/data
+  [ -f "$shared/fineweb_legal_sample.jsonl" ] || { echo "error: $shared/fineweb_legal_sample.jsonl not found: run from a checkout with ../shared beside it" >&2; exit 1; }
+  mkdir -p "$DATA"
+  $PY fineweb.py --input "$shared/fineweb_legal_sample.jsonl" --out_dir "$DATA/shards" --shard_size 2000000 --val_tokens 262144 || exit 1
+  cp "$shared/hellaswag_val.jsonl" "$DATA/" || exit 1
+  du -sh "$DATA"
+  exit 0
+fi
+[ -d "$DATA/shards" ] && [ -f "$DATA/hellaswag_val.jsonl" ] || { echo "error: $DATA/ lacks shards/ or hellaswag_val.jsonl: run bash $0 --prepare first (where ../shared is)" >&2; exit 1; }
 mkdir -p "$OUT"
-HELLASWAG=${1:-${HELLASWAG_DATA:-}}
-SHARDS=${2:-}
-DOCS=${3:-}
-PARTS=" ${PARTS:-correctness run bench memory recipe} "
-part() { [[ "$PARTS" == *" $1 "* ]]; }
-failures=()
-fail() { failures+=("$1"); echo "FAILED: $1"; }  # every check runs; the script exits 1 at the end if any failed
+logs=$(mktemp -d)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)} TIKTOKEN_CACHE_DIR=$(mktemp -d)
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } 2>&1 | tee "$OUT/hardware.txt" || fail hardware.txt
-hella_flags=(--no-hellaswag)
-[ -n "$HELLASWAG" ] && hella_flags=(--hellaswag --hellaswag_limit 512 --hellaswag_data "$HELLASWAG")
-work=$(mktemp -d)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$logs/inductor}
+summary="$OUT/summary.txt"
+: >"$summary"
+say() { echo "$*" | tee -a "$summary"; }
+failures=0
+# check NAME SECONDS COMMAND...: run it under a time limit, its output in $logs/NAME.txt; a failure is counted
+check() {
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name"
+  local started=$SECONDS
+  timeout "$seconds" "$@" >"$logs/$name.txt" 2>&1
+  local code=$?
+  if ((code == 0)); then
+    echo "   ok ($((SECONDS - started)) s)"
+  else
+    failures=$((failures + 1))
+    say "FAILED $name (exit $code$( ((code == 124)) && echo ", over its ${seconds} s")): $(tail -n 1 "$logs/$name.txt")"
+  fi
+  return $code
+}
 
-if part correctness; then
-  short=(--preset shakespeare --device cuda --compile on --max_steps 60 --eval_interval 20 --sample_interval 30)
-  echo "== correctness 1: the default recipe, compiled bf16 under torchrun (NCCL): eval, HellaSwag, samples, stop, resume"
-  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" --log_dir "$work/default" --stop_after_step 30 "${hella_flags[@]}" 2>&1 | tee "$OUT/train_default.txt" || fail train_default.txt
-  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" --log_dir "$work/default" --resume "${hella_flags[@]}" 2>&1 | tee -a "$OUT/train_default.txt" || fail train_default.txt
-  cp "$work/default/log.txt" "$OUT/train_default_log.txt" || fail train_default_log
+if ((DRY)); then  # toy sizes on a CPU, torch.compile off: every step of the script runs, no figure means anything
+  export TORCHDYNAMO_DISABLE=1
+  device=cpu
+  model=(--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --micro_batch_size 2 --total_batch_size 256 --compile off)
+  steps=4 decode=(--model tiny --device cpu --block_size 64 --sample_tokens 8) seconds=300
+else
+  device=cuda
+  model=(--micro_batch_size 64 --compile on)  # GPT-2 124M, T=1024, 2^19 tokens a step: the defaults
+  steps=12 decode=(--model 124M --device cuda --sample_tokens 256) seconds=150
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU (dry run)"
+  $PY -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } >"$logs/hardware.txt" 2>&1
+say "hardware: $(tr '\n' ' ' <"$logs/hardware.txt")"
+has_chunked=$($PY -c "import torch.nn.functional as F; print(int(hasattr(F, 'linear_cross_entropy')))")
 
-  echo "== correctness 2: the fast recipe (Muon + WSD), compiled bf16, stop and resume"
-  # --preset fast's recipe, on the short run's steps and warmup
-  fast=($(python -c 'from train_gpt2 import PRESETS; print(" ".join(f"--{k} {v}" for k, v in PRESETS["fast"].items() if k not in ("max_steps", "warmup_steps")))'))
-  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" "${fast[@]}" --log_dir "$work/fast" --stop_after_step 30 --no-hellaswag 2>&1 | tee "$OUT/train_fast.txt" || fail train_fast.txt
-  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" "${fast[@]}" --log_dir "$work/fast" --resume --no-hellaswag 2>&1 | tee -a "$OUT/train_fast.txt" || fail train_fast.txt
+# train: the real 124M step, median tok/s and MFU after the compile
+run=(--data_dir "$DATA/shards" --device "$device" --max_steps "$steps" --eval_interval 0 --no-hellaswag --sample_interval 0
+     --val_tokens 65536 --checkpoint_interval 1000 "${model[@]}")
+for recipe in "adamw plain" "muon plain" "adamw chunked"; do
+  set -- $recipe
+  if [ "$2" = chunked ] && ((!has_chunked)); then
+    say "train $1 $2: skipped (torch here has no F.linear_cross_entropy: the chunked loss needs 2.13+)"
+    continue
+  fi
+  check "train_${1}_$2" "$seconds" $PY train_gpt2.py "${run[@]}" --optimizer "$1" --loss "$2" --log_dir "$logs/run_${1}_$2" &&
+    say "train $1 $2: $($PY - "$logs/run_${1}_$2/log.txt" <<'EOF'
+import statistics, sys
+from plumbing import read_log
+log = read_log(sys.argv[1])
+steps = [s for s in log["tok_s"] if s >= 3] or list(log["tok_s"])  # after the compile and the allocator's warm-up
+mfu = [log["mfu"][s] for s in steps if s in log.get("mfu", {})]
+print(f"{statistics.median(log['tok_s'][s] for s in steps):,.0f} tok/s (median of steps {steps[0]}-{steps[-1]})"
+      + (f", MFU {100 * statistics.median(mfu):.1f}%" if mfu else ""))
+EOF
+)"
+done
 
-  echo "== correctness 3: LoRA on a GPT-2-shaped model (random weights: no hub here), compiled bf16; sample.py --compare; validate.py"
-  python -c "from train_gpt2 import GPT, GPTConfig; GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256)).save_hf('$work/base')" || fail base_model
-  torchrun --standalone --nproc_per_node=1 train_gpt2.py "${short[@]}" --init_from "$work/base" --lora_rank 8 --max_lr 1e-3 \
-    --log_dir "$work/lora" --no-hellaswag 2>&1 | tee "$OUT/train_lora.txt" || fail train_lora.txt
-  python sample.py --init_from "$work/lora" --compare "$work/base" --compile on --max_new_tokens 64 --num_samples 2 \
-    --prompt "ROMEO:" --eval_text data/tinyshakespeare.txt --eval_tokens 20000 2>&1 | tee "$OUT/sample_compare.txt" || fail sample_compare.txt
-  python validate.py "$work/lora" --device cuda 2>&1 | tee "$OUT/validate_lora.txt" || fail validate_lora.txt
+# decode: bf16 weights, greedy, 10-token prompts; compiled step vs eager
+for batch in 1 4; do
+  check "decode_B$batch" "$seconds" $PY bench.py "${decode[@]}" --sample_batch "$batch" --skip train,loss,hellaswag,sample,finetune \
+    --json "$logs/decode_B$batch.json" &&
+    say "decode B=$batch: $($PY -c "
+import json, sys
+row = json.load(open(sys.argv[1]))['optimisations'][0]
+print(f\"compiled {row['on']:,.0f} tok/s, eager {row['off']:,.0f} tok/s ({row['ratio']:.2f}x)\")" "$logs/decode_B$batch.json")"
+done
 
-  echo "== correctness 4: on CUDA, the compiled decode step (a CUDA graph, never skipped) samples the plain step's tokens,"
-  echo "   and LinearCrossEntropy under inductor gives the plain loss and gradients"
-  TORCH_LOGS=perf_hints python - 2>"$OUT/cuda_equivalence_stderr.txt" <<'EOF' | tee "$OUT/cuda_equivalence.txt" || fail cuda_equivalence
+# correctness: on the GPU, against eager and against the CPU
+check equivalence "$seconds" $PY - "$device" "$((DRY ? 16 : 100))" <<'EOF' && say "equivalence: $(tail -n 1 "$logs/equivalence.txt")"
+import sys
 import torch
 import train_gpt2 as t
-torch.backends.cuda.matmul.allow_tf32 = False  # fp32 matmuls exact enough for token-for-token equality
+device, new_tokens = sys.argv[1], int(sys.argv[2])
+if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 matmuls exact enough to compare with the CPU
 torch.manual_seed(0)
-model = t.GPT(t.GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_pad_multiple=64)).cuda().eval()
-prompt = torch.randint(0, 50257, (4, 10), device="cuda")
-for sampling in (dict(temperature=0), dict(temperature=0.8, top_k=50)):
-    outs = [model.generate(prompt, 200, compile_step=compiled, generator=torch.Generator("cuda").manual_seed(1), **sampling)
-            for compiled in (False, True, True)]  # the second compiled call replays the captured graph
+shape = dict(n_layer=4, n_head=4, n_embd=256) if device == "cuda" else dict(n_layer=1, n_head=2, n_embd=64, block_size=256)
+model = t.GPT(t.GPTConfig(**shape, vocab_pad_multiple=64)).to(device).eval()
+prompt = torch.randint(0, 50257, (4, 10), device=device)
+with torch.no_grad():  # CUDA logits == CPU logits (fp32)
+    worst = (model(prompt)[0].cpu() - model.cpu()(prompt.cpu())[0]).abs().max().item()
+    model.to(device)
+assert worst < 1e-3, worst
+decoder = t.decoding_copy(model, torch.bfloat16 if device == "cuda" else torch.float32)
+for sampling in (dict(temperature=0), dict(temperature=0.8, top_k=50)):  # the compiled step (a CUDA graph), replayed too
+    outs = [decoder.generate(prompt, new_tokens, compile_step=compiled, generator=torch.Generator(device).manual_seed(1), **sampling)
+            for compiled in (False, True, True)]
     assert outs[0].tolist() == outs[1].tolist() == outs[2].tolist(), f"compiled decode step differs: {sampling}"
-    print(f"compiled decode step == plain step, {sampling}: 4 x 200 tokens equal")
 model.train()
-x, y = torch.randint(0, 50257, (8, 256), device="cuda"), torch.randint(0, 50257, (8, 256), device="cuda")
-compiled = torch.compile(model)
-results = {}
-for name, chunk_rows in (("chunked", 1024), ("plain", 0)):
+x, y = torch.randint(0, 50257, (8, 256), device=device), torch.randint(0, 50257, (8, 256), device=device)
+compiled, _ = t.compile_model(model) if device == "cuda" else (model, None)
+losses = []
+for chunk_rows in (0, t.LOSS_CHUNK_ROWS):  # the chunked loss == the plain loss, compiled, bf16
     model.zero_grad(set_to_none=True)
     model.loss_chunk_rows = chunk_rows
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         _, loss = compiled(x, y)
     loss.backward()
-    results[name] = (loss.item(), [p.grad.float().clone() for p in model.parameters()])
-(loss_c, grads_c), (loss_p, grads_p) = results["chunked"], results["plain"]
-assert abs(loss_c - loss_p) < 1e-3 * abs(loss_p), (loss_c, loss_p)
-worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads_c, grads_p))
-assert worst < 2e-2, worst
-print(f"inductor + bf16: chunked loss {loss_c:.5f} vs plain {loss_p:.5f}; largest relative gradient difference {worst:.2e}")
+    losses.append((loss.item(), [p.grad.float().clone() for p in model.parameters()]))
+(plain, plain_grads), (chunked, chunked_grads) = losses
+worst_grad = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(chunked_grads, plain_grads))
+assert abs(plain - chunked) < 1e-2 and worst_grad < 5e-2, (plain, chunked, worst_grad)
+print(f"logits CUDA vs CPU within {worst:.1e}; compiled decode step == eager (greedy and top-k, 4 x {new_tokens} tokens); "
+      f"chunked loss {chunked:.4f} vs plain {plain:.4f}, gradients within {worst_grad:.1e}")
 EOF
-  if grep -i "skipping cudagraphs" "$OUT/cuda_equivalence_stderr.txt"; then fail "cudagraphs skipped"; fi
+short=(--preset shakespeare --data_dir "$DATA/shards" --device "$device" --max_steps 30 --eval_interval 10 --sample_interval 15 --hellaswag
+       --hellaswag_limit 256 --hellaswag_data "$DATA/hellaswag_val.jsonl" --log_dir "$logs/short")
+stop=15
+((DRY)) && short+=(--max_steps 6 --eval_interval 3 --sample_interval 3 --hellaswag_limit 8 --n_layer 1 --block_size 32
+                    --micro_batch_size 4 --total_batch_size 128 --val_tokens 256 --sample_tokens 8) && stop=3
+check loop_stop "$seconds" $PY train_gpt2.py "${short[@]}" --stop_after_step $stop &&
+  check loop_resume "$seconds" $PY train_gpt2.py "${short[@]}" --resume &&
+  say "loop: a compiled run with val loss, HellaSwag and samples, stopped at step $stop and resumed:" \
+      "$(cat "$logs"/loop_*.txt | grep -c '^sample 0:') samples, $(grep -A2 '^done:' "$logs/loop_resume.txt" | tr '\n' ' ')"
 
-  echo "== correctness 5: float16 with the gradient scaler, eager"
-  python train_gpt2.py --preset shakespeare --device cuda --compile off --dtype float16 --max_steps 25 --eval_interval 5 \
-    --sample_interval 0 --log_dir "$work/fp16" 2>&1 | tee "$OUT/train_fp16.txt" || fail train_fp16.txt
-fi
-
-if part run; then
-  if [ -z "$SHARDS" ]; then
-    echo "== run: skipped (no shard folder given)"
-  else
-    echo "== run: the real 124M step on real shards (B=64, T=1024, 2^19 tokens/step, bf16, compile), AdamW then Muon"
-    for optimizer in adamw muon; do
-      torchrun --standalone --nproc_per_node=1 train_gpt2.py --data_dir "$SHARDS" --optimizer "$optimizer" --max_steps 25 \
-        --eval_interval 0 --no-hellaswag --sample_interval 0 --checkpoint_interval 1000 --val_tokens 65536 \
-        --log_dir "$work/run_$optimizer" 2>&1 | tee "$OUT/run_124M_$optimizer.txt" || fail run_124M_$optimizer.txt
-      cp "$work/run_$optimizer/log.txt" "$OUT/run_124M_${optimizer}_log.txt" || fail "run_124M_$optimizer"
-    done
-    python - "$OUT" <<'EOF' | tee "$OUT/run_124M_summary.txt" || fail run_124M_summary.txt
-import statistics, sys
-from pathlib import Path
-from plumbing import read_log
-for optimizer in ("adamw", "muon"):
-    log = read_log(Path(sys.argv[1]) / f"run_124M_{optimizer}_log.txt")
-    tok_s = [v for step, v in log["tok_s"].items() if step >= 5]  # after compile and warm-up
-    mfu = [v for step, v in log.get("mfu", {}).items() if step >= 5]
-    print(f"{optimizer}: median {statistics.median(tok_s):,.0f} tok/s over steps 5-24"
-          + (f", MFU {100 * statistics.median(mfu):.1f}%" if mfu else ""))
-EOF
-  fi
-fi
-
-if part bench; then
-  echo "== bench: 124M, ours vs HF and each optimisation on/off"
-  hb=(--hellaswag_limit 0)
-  [ -n "$HELLASWAG" ] && hb=(--hellaswag_limit 10042 --hellaswag_batch 32 --hellaswag_data "$HELLASWAG")
-  python bench.py --model 124M --device cuda --batch_size 16 --compile on --skip finetune "${hb[@]}" --json "$OUT/bench_124M_compile.json" 2>&1 | tee "$OUT/bench_124M_compile.txt" || fail bench_124M_compile.json
-  python bench.py --model 124M --device cuda --batch_size 16 --compile off --skip hellaswag,decode,finetune --json "$OUT/bench_124M_eager.json" 2>&1 | tee "$OUT/bench_124M_eager.txt" || fail bench_124M_eager.json
-  python bench.py --model 124M --device cuda --batch_size 64 --compile on --skip sample,hellaswag,decode,finetune --json "$OUT/bench_124M_B64.json" 2>&1 | tee "$OUT/bench_124M_B64.txt" || fail bench_124M_B64.json
-fi
-
-if part memory; then
-  echo "== memory: full vs LoRA fine-tuning, T=1024, bf16"
-  python bench.py --model 124M --device cuda --batch_size 16 --skip train,loss,hellaswag,sample,decode --json "$OUT/finetune_124M.json" 2>&1 | tee "$OUT/finetune_124M.txt" || fail finetune_124M.json
-  python bench.py --model 350M --device cuda --batch_size 8 --skip train,loss,hellaswag,sample,decode --json "$OUT/finetune_350M.json" 2>&1 | tee "$OUT/finetune_350M.txt" || fail finetune_350M.json
-fi
-
-if part recipe; then
-  if [ -z "$DOCS" ]; then
-    echo "== recipe: skipped (no documents.jsonl given)"
-  else
-    echo "== recipe: default vs fast at the 124M shape on real documents, equal tokens (bf16, eager)"
-    python recipe_proxy.py --device cuda --data "$DOCS" --work_dir "$work/proxy" --n_layer 12 --n_head 12 --n_embd 768 \
-      --block_size 1024 --total_batch_size 65536 --micro_batch_size 16 --max_steps 60 --val_tokens 262144 --seeds 0 \
-      --json "$OUT/recipe_124M.json" 2>&1 | tee "$OUT/recipe_124M.txt" || fail recipe_124M.json
-  fi
-fi
-
-rm -rf "$work"
-if ((${#failures[@]})); then
-  echo "GPU checks FAILED: ${failures[*]}"
+tar -czf "$OUT/results.tar.gz" -C "$logs" --exclude inductor --exclude "*.pt" . && rm -rf "$logs"
+if ((failures)); then
+  say "GPU checks: $failures FAILED"
   exit 1
 fi
-echo "GPU checks passed"
+say "GPU checks: all passed"

@@ -83,8 +83,9 @@ def test_export_round_trip_to_hugging_face(vocab_pad_multiple, tmp_path):
 
 @pytest.mark.parametrize("vocab_pad_multiple", [1, 64])
 def test_chunked_loss_equals_the_plain_loss(vocab_pad_multiple):
-    """LinearCrossEntropy (the default) gives the loss and every gradient of the plain classifier +
-    F.cross_entropy: in fp32, under bf16 autocast, without gradients, and traced by torch.compile."""
+    """The memory-saving loss (F.linear_cross_entropy, a chunk of rows at a time) gives the loss and every
+    gradient of the plain classifier + F.cross_entropy: in fp32, under bf16 autocast, without gradients,
+    and traced by torch.compile."""
     torch.manual_seed(0)
     model = t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, vocab_pad_multiple=vocab_pad_multiple))
     x, y = torch.randint(0, 50257, (4, 64)), torch.randint(0, 50257, (4, 64))
@@ -219,6 +220,14 @@ def test_compiled_decode_step_gives_the_same_tokens():
                    for compiled in (False, True)]
         assert outputs[0].shape == (3, 45) and outputs[0].tolist() == outputs[1].tolist()
     assert counters["stats"]["unique_graphs"] == 1  # compiled once for this batch size, not per position
+    # A longer block: attention reads 64, then 128, then all 160 slots as they fill; the same tokens,
+    # and a few graphs (the width is the only shape that changes), not one per position.
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(block_size=160, n_layer=1)
+    outputs = [model.generate(prompt, 150, temperature=0, compile_step=compiled) for compiled in (False, True)]
+    assert outputs[0].shape == (3, 155) and outputs[0].tolist() == outputs[1].tolist()
+    assert counters["stats"]["unique_graphs"] <= 3
 
 
 def test_default_config_is_gpt2_124m_and_starts_at_chance():
@@ -306,3 +315,53 @@ def test_validate_and_sample_command_lines(tmp_path):
     again = run_script("sample.py", "--init_from", tmp_path / "hf", "--prompt", "Hello", "--num_samples", "2",
                        "--max_new_tokens", "5", "--seed", "3", "--top_p", "0.9")
     assert again.stdout == result.stdout  # seeded
+
+
+def test_compiled_decode_step_writes_the_cache_in_place():
+    """What inductor generates for the one-token step allocates nothing the size of a layer's cache: each
+    new key and value is written into its slot, and no cache is copied whole (with one cache tensor for
+    all layers, every layer's write went through a copy, and the step ended by copying the whole cache
+    back: 6x slower than eager at the 124M shape on a CPU)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model(block_size=128, n_layer=2)
+    B, prompt = 4, torch.randint(0, 50257, (4, 5))
+    with torch.no_grad():
+        decoder = model.kv_decoder(B, prompt.device)
+        decoder.prefill(prompt, fixed_shapes=True)
+        logits, code = run_and_get_code(lambda: decoder.step(prompt[:, :1], compiled=True))
+    assert logits.shape == (B, 1, 50257)
+    code = "\n".join(code)
+    allocated = {tuple(int(n) for n in shape.split(",") if n.strip()) for shape in re.findall(r"empty_strided_\w+\(\(([^)]*)\)", code)}
+    layer_cache = (B, 4, 128, 16)  # (B, n_head, block_size, head size)
+    assert allocated and not any(math.prod(shape) >= math.prod(layer_cache) and shape != (B, 50257) for shape in allocated), allocated
+
+
+def test_sampling_in_bf16_casts_no_weight_per_token():
+    """The training loop's samples (write_samples) run on a copy of the weights in the decode dtype, made
+    once per sampling event, so that the compiled decode step (a CUDA graph, replayed every token) casts
+    no weight: under autocast its graph cast every matmul's weight, the 50,304 x C classifier included,
+    on every token. The copy is refreshed in place at the next event, and follows the model."""
+    model = tiny_model()
+    casts = []  # per compiled graph: the casts of a weight (a 2-D input of the graph)
+
+    def record(graph):
+        inputs = {node for node in graph.nodes if node.op == "placeholder"}
+        casts.append([tuple(node.args[0].meta["val"].shape) for node in graph.nodes
+                      if node.target in (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
+                      and node.args[0] in inputs and node.args[0].meta["val"].dim() == 2])
+
+    config = t.TrainConfig(num_samples=2, sample_prompt="Hello", sample_tokens=6)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):
+        texts, sampler = t.write_samples(model, config, torch.bfloat16, compile_step=True)
+    assert casts == [[]], casts  # one graph, the decode step, and no weight cast in it
+    assert len(texts) == 2 and all(text.startswith("Hello") for text in texts)
+    assert sampler is not model and sampler.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
+    with torch.no_grad():  # the next event: the same copy, refreshed, holds what a fresh bf16 copy holds
+        model.lm_head.weight.mul_(1.5)
+    fresh = t.decoding_copy(model, torch.bfloat16)
+    again = t.decoding_copy(model, torch.bfloat16, sampler)
+    assert again is sampler and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fresh.state_dict().values()))
+    assert t.decoding_copy(model, torch.float32) is model  # already in the decode dtype: no copy

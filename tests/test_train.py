@@ -191,3 +191,43 @@ def test_muon_trains_exactly_the_block_matrices():
     decayed = {names[id(p)] for group in adamw.param_groups if group["weight_decay"] for p in group["params"]}
     assert decayed == {name for name, p in model.named_parameters() if p.dim() == 2}
     assert all(group["weight_decay"] == 0 for group in adamw.param_groups if not {names[id(p)] for p in group["params"]} & decayed)
+
+
+def test_training_graph_stays_static_after_evaluation_and_hellaswag(shakespeare_shards, shared_data):
+    """As at step 0, evaluation comes first: the val loss with a partial last batch, then HellaSwag's
+    batches of several lengths. Through compile_model's entries they may compile dynamically, but the
+    training graph is then compiled once, with fixed shapes (no symbolic size among its inputs), and
+    serves every step. (With one compiled entry for both, the training graph inherited symbolic B and T.)"""
+    graphs = []  # (grad enabled, symbolic sizes among the inputs) of every graph dynamo compiles
+
+    def backend(graph_module, example_inputs):
+        symbolic = any(isinstance(i, torch.SymInt) or (isinstance(i, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in i.shape))
+                       for i in example_inputs)
+        graphs.append((torch.is_grad_enabled(), symbolic))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = t.GPT(t.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    compiled, evaluator = t.compile_model(model, backend=backend)
+    no_autocast, scaler = contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+    val_loader = t.ValLoader(shakespeare_shards, 2, 32, val_tokens=5 * 32)  # 5 sequences in batches of 2: 2, 2, 1
+    t.evaluate_val_loss(evaluator, val_loader, no_autocast, ddp=False)
+    t.hellaswag_counts(evaluator, t.load_hellaswag(shared_data / "hellaswag_val.jsonl", limit=12), "cpu", batch_size=2)
+    assert any(symbolic for grad, symbolic in graphs if not grad)  # evaluation did meet other shapes
+    loader = t.TrainLoader(shakespeare_shards, 2, 32)
+    optimizers = t.configure_optimizers(model, t.TrainConfig(), "cpu")
+    for _ in range(3):
+        t.train_step(compiled, optimizers, loader.next_batch, 2, no_autocast, 1.0, scaler, ddp=False)
+    assert [symbolic for grad, symbolic in graphs if grad] == [False]  # one training graph, fixed shapes
+
+
+def test_one_process_under_torchrun_runs_without_ddp(monkeypatch):
+    """torchrun --nproc_per_node=1 is one process: no process group, no DDP wrapper (which would only cut
+    the compiled graph at its gradient buckets)."""
+    import torch.distributed as dist
+
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)
+    assert t.setup_distributed("cpu") == (False, 0, 0, 1, "cpu")
+    assert not dist.is_initialized()
