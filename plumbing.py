@@ -78,6 +78,10 @@ RULES = {
     "non_negative_number": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number, 0 or more"),
     "fraction": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
     "beta": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+    "seed": (lambda v: 0 <= v < 2**63, "must be between 0 and 2^63 - 1"),
+    # smaller is 0 in float32 arithmetic, where an optimizer's epsilon would divide by zero
+    "float32_positive": (lambda v: math.isfinite(v) and v >= float(torch.finfo(torch.float32).tiny),
+                         f"must be a finite number, at least {float(torch.finfo(torch.float32).tiny):.2g} (smaller is 0 in float32)"),
 }
 
 
@@ -87,10 +91,11 @@ def setting(default, help: str, rule: str | None = None, choices: tuple | None =
     return field(default=default, metadata=dict(help=help, rule=rule, choices=choices))
 
 
-def parse_dataclass(cls, argv, presets: dict, description: str):
+def parse_dataclass(cls, argv, presets: dict, description: str, defaults=None):
     """An instance of the dataclass `cls` from the command line: one flag per field (--name value, or
     --name / --no-name for a bool), and --preset NAME for a named set of defaults (flags given beside
-    it win). Returns (instance, the names of the flags given on the command line)."""
+    it win). defaults(args), if given, returns defaults that depend on other flags (a model size's
+    recipe, say), applied before the preset's. Returns (instance, the names of the flags given)."""
     def as_flag(name, value):
         return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
 
@@ -107,9 +112,11 @@ def parse_dataclass(cls, argv, presets: dict, description: str):
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, choices=f.metadata["choices"],
                                 help=f.metadata["help"] + " (default: %(default)s)")
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**presets[preset])
+    known = parser.parse_known_args(argv)[0]
+    if defaults:
+        parser.set_defaults(**defaults(known))
+    if known.preset:
+        parser.set_defaults(**presets[known.preset])
     args = vars(parser.parse_args(argv))
     args.pop("preset")
     explicit = {a[2:].split("=")[0].removeprefix("no-") for a in argv if a.startswith("--")}
@@ -132,6 +139,11 @@ def split_list(text: str) -> tuple[str, ...]:
 def shell_command(*words) -> str:
     """A command to paste into a shell, each word quoted where it must be (a path with a space)."""
     return " ".join(shlex.quote(str(word)) for word in words)
+
+
+def shell_double_quoted(text: str) -> str:
+    """text in double quotes for a shell, as one word: what the shell would expand there is escaped."""
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -168,6 +180,25 @@ def check_writable(path, flag: str) -> None:
             pass
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from e
+
+
+def check_writable_folder(path, flag: str) -> None:
+    """Fail now, not after an hour of work, if results cannot be written into the folder `path`: the
+    folder, or if it does not exist yet, the nearest folder above it, where it would be made. Nothing is
+    created: a run that fails later for another reason leaves no empty folder behind."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder: give a folder")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder: give another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror} in {existing})") from e
 
 
 def utf8_lines(path):
@@ -262,7 +293,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)  # read as used
     except Exception as e:  # truncated file, not a zip, pickled objects we refuse to load, ...
         raise UserError(f"checkpoint {path} is unreadable (corrupt or truncated?): {type(e).__name__}") from e
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
@@ -405,6 +436,8 @@ def open_run_dir(log_dir, resume: bool, overwrite: bool, master: bool, say) -> t
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--log_dir {log_dir} cannot be created: {e.strerror}") from e
+    if master:
+        check_writable_folder(log_dir, "--log_dir")
     lock = RunLock(log_dir) if master else None
     if master:
         for stale in log_dir.glob("ckpt_*.pt.tmp"):  # a save cut short by a kill or a full disk
@@ -437,9 +470,10 @@ def clear_earlier_run(log_dir: Path) -> None:
     shutil.rmtree(log_dir / "tensorboard", ignore_errors=True)
 
 
-def compare_with_saved_run(config, saved: dict, fixed: tuple, say) -> None:
-    """Refuse a change --resume cannot honour (a setting named in `fixed`); print the ones it applies."""
-    ignored = ("resume", "overwrite", "stop_after_step", "seed")  # seed: the model comes from the checkpoint
+def compare_with_saved_run(config, saved: dict, fixed: tuple, say, ignored: tuple = ()) -> None:
+    """Refuse a change --resume cannot honour (a setting named in `fixed`); print the ones it applies.
+    `ignored`: settings that do not count (they have no effect in this run)."""
+    ignored = ("resume", "overwrite", "stop_after_step", "seed", *ignored)  # seed: the model comes from the checkpoint
     changed = {k: (saved[k], v) for k, v in asdict(config).items() if k in saved and saved[k] != v and k not in ignored}
     for name in fixed:
         if name in changed:
@@ -461,7 +495,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise UserError("stopped at once by a second Ctrl-C, without a checkpoint of this step: the same command "
+                            "with --resume continues from the newest checkpoint")
         self.requested = True
         print(f"\n{signal.Signals(signum).name} received: stopping after this step, with a checkpoint", flush=True)
 
@@ -500,10 +535,11 @@ class Run:
 
     config: the run's settings, a dataclass with log_dir, resume, overwrite, print_settings, tensorboard,
     keep_checkpoints, max_bad_steps, stop_after_step, max_steps and the eval/sample/checkpoint intervals.
-    fixed_on_resume: the settings --resume cannot change (the model, the batch, the data order, ...).
+    fixed_on_resume: the settings --resume cannot change (the model, the batch, the data order, ...);
+    ignored_on_resume: those that have no effect in this run, so that a change to them means nothing.
     """
 
-    def __init__(self, config, master: bool, ddp: bool, device: str, fixed_on_resume: tuple):
+    def __init__(self, config, master: bool, ddp: bool, device: str, fixed_on_resume: tuple, ignored_on_resume: tuple = ()):
         self.config, self.master, self.ddp, self.device = config, master, ddp, device
         self.log_dir = Path(config.log_dir)
         self.say = print if master else (lambda *args, **kwargs: None)  # only rank 0 prints
@@ -516,10 +552,11 @@ class Run:
         try:
             if self.checkpoint is not None:
                 self.say(f"resuming from {self.resume_from} (step {self.checkpoint['step']})")
-                compare_with_saved_run(config, self.checkpoint["config"], fixed_on_resume, self.say)
+                compare_with_saved_run(config, self.checkpoint["config"], fixed_on_resume, self.say, ignored_on_resume)
         except BaseException:
             self.close()
             raise
+        self.on_out_of_memory = None  # the trainer's advice for a run that runs out of memory: a function -> str
         self.seconds = dict(step=0.0, eval=0.0, sample=0.0, checkpoint=0.0)  # what each took last time, for the ETA
         self.step_times = []
         self.bad_steps = 0  # non-finite steps in a row
@@ -527,8 +564,10 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, kind, error, traceback):
         self.close()
+        if is_out_of_memory(error) and self.on_out_of_memory is not None:
+            raise UserError(self.on_out_of_memory()) from error  # one line that says what to change, not a traceback
 
     def start(self, start_step: int) -> None:
         """Every setting, the data, the model and the checkpoint are known to be good: only now may an
@@ -618,8 +657,12 @@ class Run:
     def weights_are_good(self, step: int, parameters) -> bool:
         """Whether the weights after this step may be saved: never from a non-finite step or weights
         (nor may such a checkpoint rotate good ones out)."""
-        finite = torch.stack([p.isfinite().all() for p in parameters]).all().item()
-        if self.bad_steps or not finite:
+        # (A sharded weight is checked shard by shard, then the verdicts of all ranks are combined.)
+        finite = torch.stack([(p.to_local() if hasattr(p, "to_local") else p).isfinite().all() for p in parameters]).all()
+        if self.ddp:
+            finite = finite.to(self.device, torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if self.bad_steps or not finite.item():
             self.say(f"no checkpoint after step {step}: its loss or weights are not finite (last good: {self.last_good or 'none'})")
             return False
         return True
@@ -643,6 +686,36 @@ class Run:
             self.board.close()
         if self.lock is not None:
             self.lock.release()
+
+
+def is_out_of_memory(error) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a RuntimeError of its own words)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes this process may use: a GPU's memory, or for a CPU the machine's, lowered by the limits of
+    its container (cgroup) and of the process (ulimit); None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        limits.append(int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):  # no cgroup v2 limit ("max"), or not Linux
+        pass
+    try:
+        import resource
+
+        limits += [soft for soft, _ in map(resource.getrlimit, (resource.RLIMIT_AS, resource.RLIMIT_DATA))
+                   if soft != resource.RLIM_INFINITY]
+    except (ImportError, AttributeError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 def read_log(path) -> dict[str, dict[int, float]]:

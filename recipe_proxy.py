@@ -162,7 +162,8 @@ def fast_lrs(args) -> dict:
 
 def run_name(recipe: str, steps: int, seed: int, **overrides) -> str:
     """A readable folder name that tells every run of the proxy apart."""
-    return "_".join([recipe, f"{steps}steps", f"seed{seed}"] + [f"{k}{v:g}" for k, v in sorted(overrides.items())])
+    return "_".join([recipe, f"{steps}steps", f"seed{seed}"] +
+                    [f"{k}{v:g}" if isinstance(v, (int, float)) else f"{k}_{v}" for k, v in sorted(overrides.items())])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,6 +368,37 @@ def print_sweep(summary: dict, args) -> None:
           f"(val loss {best['val_loss']:.4f})")
 
 
+def width_check(args, data_dir: Path) -> dict:
+    """The fast recipe's Muon learning rate at several widths (--widths), under each of torch.optim.Muon's
+    ways to scale it by a matrix's shape (adjust_lr_fn), one seed: if the best rate moves with the width,
+    every GPT-2 size would need its own."""
+    seed, rows = args.seeds[0], []
+    for adjust, lrs in (("original", args.sweep_muon_lrs), ("match_rms_adamw", args.sweep_rms_lrs)):
+        for width in args.widths:
+            shape = argparse.Namespace(**{**vars(args), "n_embd": width})
+            for muon_lr in lrs:
+                overrides = dict(muon_lr=muon_lr, max_lr=args.max_lr, decay_frac=args.decay_frac, muon_adjust_lr=adjust)
+                name = run_name("fast", args.max_steps, seed, n_embd=width, **overrides)
+                config = recipe_config("fast", data_dir, Path(args.work_dir) / "runs" / name, shape, args.max_steps, seed, **overrides)
+                result = train_and_score(config, args.rerun)
+                print(f"  {name}: val loss {result['val_loss']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
+                rows.append(dict(adjust_lr_fn=adjust, n_embd=width, muon_lr=muon_lr, **result))
+    best = {f"{adjust} n_embd {width}": min((r for r in rows if (r["adjust_lr_fn"], r["n_embd"]) == (adjust, width)),
+                                            key=lambda r: r["val_loss"])["muon_lr"]
+            for adjust in ("original", "match_rms_adamw") for width in args.widths}
+    return dict(rows=rows, best=best)
+
+
+def print_width_check(summary: dict, args) -> None:
+    print(f"\n### Muon's learning rate by width: {args.max_steps} steps x {args.total_batch_size:,} tokens, "
+          f"{args.n_layer} layers, seed {args.seeds[0]}\n")
+    print("| adjust_lr_fn | n_embd | muon_lr | val loss |")
+    print("| --- | --- | --- | --- |")
+    for row in summary["rows"]:
+        print(f"| {row['adjust_lr_fn']} | {row['n_embd']} | {row['muon_lr']:g} | {row['val_loss']:.4f} |")
+    print("\nbest muon_lr: " + "; ".join(f"{k}: {v:g}" for k, v in summary["best"].items()))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command line
 
@@ -385,6 +417,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     fast = PRESETS["fast"]
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="run the learning-rate sweep instead of the comparison")
+    p.add_argument("--width_check", action="store_true",
+                   help="instead: the best Muon learning rate at each of --widths, under both of Muon's lr scalings")
     p.add_argument("--data", default=str(DEFAULT_DATA), help=".jsonl (or .txt/.parquet) documents (default: %(default)s)")
     p.add_argument("--val_fraction", type=float, default=0.08, help="the last fraction of documents held out as val")
     p.add_argument("--work_dir", default=str(DEFAULT_WORK_DIR), help="shards and runs, reused across calls (default: %(default)s)")
@@ -416,6 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep_muon_lrs", type=numbers(float), default=[0.01, 0.02, 0.04])
     p.add_argument("--sweep_max_lrs", type=numbers(float), default=[3e-3, 6e-3, 1.2e-2])
     p.add_argument("--sweep_decay_fracs", type=numbers(float), default=[0.2, 0.4, 0.6], help="at the best muon_lr, max_lr")
+    p.add_argument("--widths", type=numbers(int), default=[128, 256], help="--width_check: the widths (n_embd)")
+    p.add_argument("--sweep_rms_lrs", type=numbers(float), default=[3e-3, 6e-3, 1.2e-2],
+                   help="--width_check: Muon's learning rates under match_rms_adamw (AdamW-sized)")
     p.add_argument("--sweep_adamw_lrs", type=numbers(float), default=[6e-4, 2e-3, 6e-3],
                    help="the default recipe at these AdamW lrs, for reference (6e-4 is the recipe's own)")
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
@@ -440,7 +477,10 @@ def main(argv=None):
     print(f"data: {data_dir}; runs in {Path(args.work_dir) / 'runs'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     started = time.time()
-    if args.sweep:
+    if args.width_check:
+        summary = width_check(args, data_dir)
+        print_width_check(summary, args)
+    elif args.sweep:
         summary = sweep(args, data_dir)
         print_sweep(summary, args)
     else:

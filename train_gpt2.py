@@ -22,6 +22,7 @@ Part II, extensions: options beside the story, each in a section that says what 
  14. loading any model: a GPT-2 name, a Hugging Face directory, a checkpoint or a run folder
  15. presets and the checks on settings
  16. what a run prints: its settings, resolved, and a summary at the end
+ 17. bigger models: sharding (FSDP2), activation checkpointing, and the memory a GPU needs
 
 The run plumbing that knows nothing of GPT-2 (one-line errors, checkpoint files written atomically, the
 run-folder lock, the stop request, log.txt and TensorBoard) lives in plumbing.py.
@@ -29,8 +30,10 @@ run-folder lock, the stop request, log.txt and TensorBoard) lives in plumbing.py
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -49,10 +52,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (CHECKPOINT_GLOB, Run, UserError, check_rules, download, find_latest_checkpoint, format_duration,
-                      human, load_checkpoint, newest_readable_checkpoint, parse_dataclass, peak_flops_for, pick_device,
-                      progress_bar, quiet_transformers, rng_states, run_main, set_rng_states, setting, split_list,
-                      utf8_lines)
+from plumbing import (CHECKPOINT_GLOB, Run, UserError, available_memory, check_rules, download, find_latest_checkpoint,
+                      format_duration, human, load_checkpoint, newest_readable_checkpoint, parse_dataclass, peak_flops_for,
+                      pick_device, progress_bar, quiet_transformers, rng_states, run_main, save_checkpoint_file,
+                      set_rng_states, setting, shell_command, shell_double_quoted, split_list, utf8_lines)
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -199,6 +202,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self.loss_chunk_rows = 0  # 0: the plain loss below; N: the memory-saving loss of section 11, N rows at a time
+        self.checkpoint_activations = False  # recompute each block's activations in backward (section 17)
         self.lora = None  # LoRA adapters' settings once add_lora gives it some (section 12)
         self.source = "a new GPT"  # what it was loaded from, for the user (section 14)
 
@@ -237,7 +241,10 @@ class GPT(nn.Module):
             positions, mask = kv_cache.step(T)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) broadcasts over B
         for block in self.transformer.h:
-            x = block(x, kv_cache, positions, mask)
+            if self.checkpoint_activations and torch.is_grad_enabled():  # keep the input, recompute the rest (section 17)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, positions, mask)
         x = self.transformer.ln_f(x)
         vocab_size = self.config.vocab_size
         if targets is None:
@@ -467,6 +474,13 @@ def open_shard(path: Path):
     return tokens
 
 
+def check_tokens(tokens: np.ndarray, path: Path, vocab_size: int) -> None:
+    if len(tokens) and (top := int(tokens.max())) >= vocab_size:
+        split = "val" if "_val_" in Path(path).name else "train"
+        raise UserError(f"token id {top} in {split} shard {path} is >= the model's vocab_size {vocab_size}: were "
+                        "these shards made with another tokenizer?")
+
+
 def to_device(window: np.ndarray, B: int, T: int, device: str):
     """(B*T+1,) uint16 tokens -> inputs x and targets y, each (B, T) int64 on the device."""
     buf = torch.from_numpy(window.astype(np.int64))
@@ -484,6 +498,8 @@ class TrainLoader:
         self.seed, self.vocab_size, self.device = seed, vocab_size, device
         paths = find_shards(data_dir, "train")
         self.data_dir, self.shards = data_dir, [open_shard(p) for p in paths]
+        for path, shard in zip(progress_bar(paths, rank == 0, "checking the train shards"), self.shards):  # now, not at step 88
+            check_tokens(shard, path, vocab_size)
         self.shard_list = [[p.name, len(s)] for p, s in zip(paths, self.shards)]  # what a resume must find again
         window = B * T
         # Full windows per shard: the last window needs one more token for its final target.
@@ -521,11 +537,6 @@ class TrainLoader:
         shard, start = self._epoch_order(epoch)[i]
         self.windows_taken += self.world_size
         window = self.shards[shard][start : start + self.B * self.T + 1]
-        if window.max() >= self.vocab_size:
-            raise UserError(
-                f"token id {int(window.max())} in train shard {self.shard_list[shard][0]} is >= the model's vocab_size "
-                f"{self.vocab_size}: were these shards made with another tokenizer?"
-            )
         return to_device(window, self.B, self.T, self.device)
 
     def state_dict(self) -> dict:
@@ -569,14 +580,15 @@ class ValLoader:
         if not starts:
             raise UserError(f"the val shards in {data_dir}/ hold fewer than block_size+1 = {T + 1} tokens")
         self.num_sequences = min(len(starts), max(1, val_tokens // T))
-        # The val set is small: check all of it now, as the train loader checks each batch.
-        for i, shard in enumerate(self.shards):
+        for i, shard in enumerate(self.shards):  # the part of each shard in use
             used = [a for s, a in starts[: self.num_sequences] if s == i]
-            if used and (top := int(shard[: max(used) + T + 1].max())) >= vocab_size:
-                raise UserError(f"token id {top} in val shard {paths[i]} is >= the model's vocab_size {vocab_size}: "
-                                "were these shards made with another tokenizer?")
+            if used:
+                check_tokens(shard[: max(used) + T + 1], paths[i], vocab_size)
         self.total_tokens = self.num_sequences * T  # evaluated by all ranks together
         self.starts = starts[rank : self.num_sequences : world_size]  # this rank's sequences
+        # The most batches any rank runs: a sharded model's forward is a collective, so that every rank
+        # must run as many (evaluate_val_loss makes up the difference with a repeat it does not count).
+        self.batches_per_rank = math.ceil(math.ceil(self.num_sequences / world_size) / B)
 
     def batches(self):
         for i in range(0, len(self.starts), self.B):
@@ -604,8 +616,11 @@ class TrainConfig:
     data_dir: str = setting("edu_fineweb10B", "folder of token shards written by fineweb.py")
     val_tokens: int = setting(10_485_760, "val tokens per evaluation (20 x 2^19), the same for any number of GPUs",
                               rule="positive")
-    data_seed: int = setting(1337, "seed of the per-epoch shuffle of shards and windows")
+    data_seed: int = setting(1337, "seed of the per-epoch shuffle of shards and windows", rule="seed")
     # model
+    model: str = setting("gpt2", "the GPT-2 size to train from scratch: gpt2 (124M), gpt2-medium (350M), gpt2-large (774M), "
+                         "gpt2-xl (1558M); sets its shape and recipe (section 15), flags given beside it win",
+                         choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"))
     init_from: str = setting("scratch", "scratch | gpt2[-medium|-large|-xl] | a Hugging Face dir | a checkpoint .pt | a run folder")
     block_size: int = setting(1024, "sequence length T", rule="positive")
     n_layer: int = setting(12, "blocks (for --init_from scratch)", rule="positive")
@@ -630,6 +645,9 @@ class TrainConfig:
     muon_lr: float = setting(0.02, "peak learning rate of Muon (--optimizer muon)", rule="positive_number")
     muon_momentum: float = setting(0.95, "Muon's momentum (Nesterov)", rule="beta")
     muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay", rule="non_negative_number")
+    muon_adjust_lr: str = setting("original", "how Muon scales muon_lr by a matrix's shape (torch.optim.Muon's adjust_lr_fn): "
+                                  "original: x sqrt(max(1, rows/cols)); match_rms_adamw: x 0.2 sqrt(max(rows, cols)), "
+                                  "updates as large as AdamW's", choices=("original", "match_rms_adamw"))
     schedule: str = setting("cosine", "cosine: warmup, then a cosine to min_lr_ratio (GPT-3); wsd: warmup, constant, "
                             "then a linear decay over the last decay_frac of the steps", choices=("cosine", "wsd"))
     decay_frac: float = setting(0.4, "wsd: the fraction of max_steps over which the learning rate decays",
@@ -642,7 +660,7 @@ class TrainConfig:
                                   rule="non_negative_number")
     beta1: float = setting(0.9, "AdamW beta1", rule="beta")
     beta2: float = setting(0.95, "AdamW beta2", rule="beta")
-    eps: float = setting(1e-8, "AdamW epsilon", rule="positive_number")
+    eps: float = setting(1e-8, "AdamW epsilon", rule="float32_positive")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)",
                                rule="non_negative_number")
     max_bad_steps: int = setting(5, "stop after this many non-finite losses/gradients in a row", rule="positive")
@@ -672,9 +690,13 @@ class TrainConfig:
     dtype: str = setting("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, else float32",
                          choices=("auto", "bfloat16", "float16", "float32"))
     compile: str = setting("auto", "torch.compile the model (auto: on for CUDA)", choices=("auto", "on", "off"))
+    shard: bool = setting(False, "shard weights, gradients and optimizer state across the GPUs with FSDP2 (section 17), "
+                          "for models whose training state does not fit one GPU")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward instead of keeping "
+                                             "them (section 17): less memory, ~1/3 more compute")
     loss: str = setting("auto", "plain: every logit, then F.cross_entropy; chunked: a chunk of rows at a time, less "
                         "memory (section 11); auto: chunked on CPUs, where it is faster too", choices=("auto", "plain", "chunked"))
-    seed: int = setting(1337, "seed of the model init")
+    seed: int = setting(1337, "seed of the model init", rule="seed")
     peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)",
                                 rule="non_negative_number")
 
@@ -701,7 +723,7 @@ def configure_optimizers(model: GPT, config: TrainConfig, device_type: str) -> l
         hidden = [name for name, p in trainable.items() if name.startswith("transformer.h.") and p.dim() == 2]
         muon_params = [trainable.pop(name) for name in hidden]
         muon = torch.optim.Muon(muon_params, lr=config.muon_lr, momentum=config.muon_momentum, nesterov=True,
-                                weight_decay=config.muon_weight_decay)
+                                weight_decay=config.muon_weight_decay, adjust_lr_fn=config.muon_adjust_lr)
         muon.param_groups[0]["peak_lr"] = config.muon_lr
         optimizers.append(muon)
     # Weight decay pulls weights towards zero. It regularises the matmul weights and embeddings; on
@@ -767,6 +789,10 @@ def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progres
             _, loss = model(x, y)
         loss_sum += loss.float() * y.numel()  # back from mean to sum, so ranks with fewer tokens weigh less
         token_count += y.numel()
+    for _ in range(val_loader.batches_per_rank - total if is_sharded(model) else 0):  # in step with the other ranks
+        with autocast:
+            zeros = torch.zeros(val_loader.B, val_loader.T, dtype=torch.long, device=device)
+            model(zeros, zeros)
     if ddp:
         dist.all_reduce(loss_sum)
         dist.all_reduce(token_count)
@@ -778,12 +804,13 @@ def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progres
 # 9. The training loop
 
 
-def setup_distributed(requested_device: str):
+def setup_distributed(requested_device: str, shard: bool = False):
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train_gpt2.py` is one process, and
     so is torchrun with one (without DDP, whose wrapper would only cut the compiled graph at its
-    gradient buckets). Returns (ddp, rank, local_rank, world_size, device)."""
+    gradient buckets; --shard's FSDP2 needs a process group even of one). Returns (ddp, rank, local_rank,
+    world_size, device); ddp means "several processes, or a process group"."""
     device = pick_device(requested_device)
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not (shard and "RANK" in os.environ):
         return False, 0, 0, 1, device
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
@@ -838,9 +865,10 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     loss_accum = 0.0
     for micro_step in range(grad_accum_steps):
         x, y = next_batch()
-        # DDP would all-reduce the gradients after every backward; only the last micro-step needs it.
+        # DDP would all-reduce the gradients after every backward; only the last micro-step needs it. (A
+        # sharded model, section 17, reduce-scatters every micro-step: it keeps only its shard of them.)
         last = micro_step == grad_accum_steps - 1
-        with contextlib.nullcontext() if (last or not ddp) else model.no_sync():
+        with contextlib.nullcontext() if (last or not hasattr(model, "no_sync")) else model.no_sync():
             with autocast:
                 _, loss = model(x, y)
             # Gradients add up over backward calls; we want the gradient of the MEAN loss over all
@@ -853,6 +881,7 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     for optimizer in optimizers:
         scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
     loss_value, norm_value = torch.stack([loss_accum, grad_norm.float()]).tolist()  # the step's one host sync
     stepped = math.isfinite(loss_value) and math.isfinite(norm_value)
     if stepped or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself and lowers its scale
@@ -864,12 +893,16 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     return loss_value, norm_value, stepped
 
 
-def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: GPT | None = None,
+def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: GPT | None = None, master: bool = True,
                   compile_step: bool = False) -> tuple[list[str], GPT]:
     """config.num_samples continuations of config.sample_prompt (top-k 50, a seed of their own, so that
     the training RNG stays untouched), as texts, and the copy of the model that wrote them, its weights
-    in `dtype` (decoding_copy, section 10): pass it back next time."""
-    sampler = decoding_copy(model, dtype, sampler)
+    in `dtype` (decoding_copy, section 10): pass it back next time. Rank 0 samples; the others only help
+    gather a sharded model's weights (section 17), and get no texts."""
+    state = gathered(model.state_dict(), keep=master) if is_sharded(model) else None
+    if not master:
+        return [], sampler
+    sampler = decoding_copy(model, dtype, sampler, state)
     device = model.lm_head.weight.device
     prompt = torch.tensor([encode_prompt(config.sample_prompt)] * config.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(42)
@@ -879,17 +912,18 @@ def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: 
 
 
 def checkpoint_state(step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig, val_loss, scaler,
-                     rng: dict) -> dict:
+                     rng: dict, master: bool = True) -> dict:
     """Everything needed to continue as if never stopped: weights, optimizer moments, the step, the
     loader's position and every random state (plumbing.py writes it atomically, keeps the newest few,
-    and reads it back with weights_only=True)."""
+    and reads it back with weights_only=True). A sharded model's are gathered whole (section 17): every
+    rank calls this, rank 0 gets the tensors."""
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return dict(
-        model=trained if model.lora else model.state_dict(),
+        model=gathered(trained if model.lora else model.state_dict(), master),
         lora=model.lora,
         model_config=asdict(model.config),
-        optimizers=[optimizer.state_dict() for optimizer in optimizers],
+        optimizers=[gathered(optimizer.state_dict(), master) for optimizer in optimizers],
         scaler=scaler.state_dict() if scaler.is_enabled() else None,
         step=step,  # optimizer steps completed
         loader=loader.state_dict(),
@@ -905,7 +939,7 @@ def restore_checkpoint(checkpoint: dict, optimizers, scaler, loader: TrainLoader
     states = checkpoint.get("optimizers") or [checkpoint["optimizer"]]  # (earlier versions: one optimizer)
     for optimizer, state in zip(optimizers, states, strict=True):
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)  # the moments, and the saved run's settings ...
+        load_optimizer_state(optimizer, state)  # the moments, and the saved run's settings ...
         for group, setting_now in zip(optimizer.param_groups, settings):
             group.update(setting_now)  # ... which give way to this run's (the changes were printed)
     if checkpoint.get("scaler") is not None:
@@ -919,7 +953,8 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     """Train as `config` says: from a new, pretrained or resumed model to max_steps, then a summary.
     Every rank runs this; rank 0 prints, logs and writes the checkpoints (plumbing.Run)."""
     master, device_type = rank == 0, device.split(":")[0]
-    with Run(config, master, ddp, device, FIXED_ON_RESUME) as run:  # the folder locked, a checkpoint to resume
+    shape = ("model", "n_layer", "n_head", "n_embd") if config.init_from != "scratch" else ()  # from the model, not flags
+    with Run(config, master, ddp, device, FIXED_ON_RESUME, shape) as run:  # the folder locked, a checkpoint to resume
         checkpoint = run.checkpoint
         if checkpoint is not None and checkpoint["step"] >= config.max_steps:
             run.say(f"that run already finished its {config.max_steps} steps: nothing to do (a larger --max_steps trains on)")
@@ -936,24 +971,35 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
             )
         grad_accum_steps = config.total_batch_size // tokens_per_micro_step
 
-        # The model, the data, the optimizers; on --resume, as the checkpoint left them.
+        if config.shard and not ddp:
+            raise UserError("--shard splits the model across processes that torchrun starts: torchrun --nproc_per_node=N "
+                            "train_gpt2.py ... (N GPUs; with one, FSDP2 runs but saves nothing)")
+
+        # The data (checked before a model is built), the model, the optimizers; on --resume, as the
+        # checkpoint left them.
         if config.data_dir == PRESETS["shakespeare"]["data_dir"] and not list(Path(config.data_dir).glob("*_train_*.npy")):
             if master:
                 prepare_quick_start_data(config.data_dir)
             if ddp:
                 dist.barrier()
-        torch.manual_seed(config.seed)
-        model = build_model(config, checkpoint).to(device)  # new, pretrained or resumed (section 14)
-        if config.loss == "chunked" or (config.loss == "auto" and device_type == "cpu" and hasattr(F, "linear_cross_entropy")):
-            model.loss_chunk_rows = LOSS_CHUNK_ROWS  # the memory-saving loss (section 11)
-        if T > model.config.block_size:
-            raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
-        vocab_size = model.config.vocab_size
-        train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, vocab_size, device)
-        val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device, vocab_size)
+        train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, device=device)
+        val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device)
         dtype = pick_dtype(config.dtype, device)
         autocast, scaler = mixed_precision(device, dtype)
+        torch.manual_seed(config.seed)
+        model = build_model(config, checkpoint, run.resume_from).to(device)  # new, pretrained or resumed (section 14)
+        if T > model.config.block_size:
+            raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
+        if shape:  # a pretrained model's shape is its own: the run's settings record it, not the flags' defaults
+            config = run.config = dataclasses.replace(config, n_layer=model.config.n_layer, n_head=model.config.n_head,
+                                                      n_embd=model.config.n_embd)
+        if config.loss == "chunked" or (config.loss == "auto" and device_type == "cpu" and hasattr(F, "linear_cross_entropy")):
+            model.loss_chunk_rows = LOSS_CHUNK_ROWS  # the memory-saving loss (section 11)
+        model.checkpoint_activations = config.activation_checkpointing  # section 17
+        if config.shard:  # FSDP2 (section 17): each rank keeps 1/world_size of the weights and their training state
+            shard_model(model, dtype)
         optimizers = configure_optimizers(model, config, device_type)
+        run.on_out_of_memory = lambda: out_of_memory_advice(model, config, world_size, dtype, device)
         start_step, val_loss, acc_norm = 0, None, None
         if checkpoint is not None:
             start_step, val_loss = restore_checkpoint(checkpoint, optimizers, scaler, train_loader, device, rank)
@@ -963,7 +1009,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         # DDP averages the gradients of all ranks during backward.
         use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
         compiled, evaluator = compile_model(model) if use_compile else (model, model)
-        train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else compiled
+        train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp and not config.shard else compiled
         hellaswag_examples = None
         if config.hellaswag and config.eval_interval:
             hellaswag_examples, hellaswag_path = hellaswag_for_training(config, master, ddp)
@@ -971,6 +1017,8 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         if hellaswag_examples is not None:
             run.say(f"HellaSwag: {len(hellaswag_examples):,} examples from {hellaswag_path}, split across {world_size} rank(s)")
         run.start(start_step)  # every setting, the data and the model are good: the log starts (--overwrite: anew)
+        if model.lora and checkpoint is None and model.lora["base"] == LORA_BASE_FILE:
+            save_lora_base(model, run.log_dir, master)  # the weights a LoRA run adapts, kept in its folder (section 12)
         peak_flops = config.peak_flops or peak_flops_for(device, dtype)
         flops_per_step = flops_per_token(model, T) * config.total_batch_size
         sampler = None  # the model in the dtype sampling computes in, made at the first sample (section 10)
@@ -992,10 +1040,10 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                         run.say(f"step {step:5d} | HellaSwag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
                         run.log(step, hella=f"{acc_norm:.4f}")
 
-            # once in a while: show what the model writes
-            if master and config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
+            # once in a while: show what the model writes (rank 0; a sharded model's weights are gathered first)
+            if config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
                 with run.timed("sample"):  # the decode step compiles to a CUDA graph on GPUs; a CPU gains nothing from it
-                    texts, sampler = write_samples(model, config, dtype, sampler, compile_step=use_compile and device_type == "cuda")
+                    texts, sampler = write_samples(model, config, dtype, sampler, master, compile_step=use_compile and device_type == "cuda")
                     run.say("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
                     run.text(step, "samples", "\n\n".join(texts))
 
@@ -1023,7 +1071,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
                 with run.timed("checkpoint"):
                     rng = rng_states(device, ddp)  # every rank takes part: each GPU's generator is saved
                     run.save_checkpoint(step + 1, checkpoint_state(step + 1, model, optimizers, train_loader, config,
-                                                                   val_loss, scaler, rng))
+                                                                   val_loss, scaler, rng, master))
             if stop_now:
                 break
         run.say(run_summary(config, model, step + 1, step + 1 - start_step, time.time() - run.started, val_loss, acc_norm,
@@ -1131,12 +1179,13 @@ class KVDecoder:
         return self.model(token, kv_cache=self.cache, last_only=True)[0]
 
 
-def decoding_copy(model: GPT, dtype: torch.dtype, previous: GPT | None = None) -> GPT:
+def decoding_copy(model: GPT, dtype: torch.dtype, previous: GPT | None = None, state: dict | None = None) -> GPT:
     """The model with its weights in `dtype`, the dtype sampling computes in (bfloat16 on GPUs that
     have it): the model itself if they already are, else a copy. `previous`, the copy made at the last
-    sampling event, is refreshed in place, so that its compiled decode step is reused."""
+    sampling event, is refreshed in place, so that its compiled decode step is reused. state: the
+    weights to copy, if not model.state_dict() (a sharded model's, gathered)."""
     weight = model.lm_head.weight
-    if weight.dtype == dtype:
+    if weight.dtype == dtype and state is None:
         return model
     if previous is None:
         with torch.device(weight.device):  # built where it runs, then cast: once per run
@@ -1145,7 +1194,7 @@ def decoding_copy(model: GPT, dtype: torch.dtype, previous: GPT | None = None) -
             lora = model.lora
             add_lora(previous, lora["rank"], lora["alpha"], lora["targets"], lora["also_train"])
         previous = previous.to(dtype).eval()
-    previous.load_state_dict(model.state_dict())  # copy_ casts each weight
+    previous.load_state_dict(model.state_dict() if state is None else state)  # copy_ casts each weight
     return previous
 
 
@@ -1243,6 +1292,20 @@ def add_lora(model: GPT, rank: int, alpha: float, targets=LORA_TARGETS, also_tra
     return model
 
 
+LORA_BASE_FILE = "lora_base.pt"  # a LoRA run's copy of the weights it adapts, in its own folder
+
+
+def save_lora_base(model: GPT, folder: Path, master: bool) -> None:
+    """A new LoRA run's copy of the weights it adapts (all but the adapters, before the first step) in
+    its own folder, as a checkpoint: its checkpoints name it, so that it stays usable whatever becomes of
+    the original (a base checkpoint rotated out, a folder deleted). Every rank calls it (a sharded model's
+    weights are gathered); rank 0 writes."""
+    state = gathered({name: value for name, value in model.state_dict().items() if ".lora_" not in name}, master)
+    if master:
+        save_checkpoint_file(dict(model=state, model_config=asdict(model.config), lora=None, source=model.lora["source"]),
+                             Path(folder) / LORA_BASE_FILE)
+
+
 def merge_lora(model: GPT) -> GPT:
     """Fold every adapter into its weight (in place): a plain GPT again, every parameter trainable."""
     for block in model.transformer.h:
@@ -1287,7 +1350,8 @@ def find_hellaswag_data(data: str | None = None, cache_dir=HELLASWAG_CACHE_DIR) 
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise UserError(f"HellaSwag data file {path} (from {source}) does not exist")
+                what = "is a folder: give the hellaswag_val.jsonl file" if path.is_dir() else "does not exist"
+                raise UserError(f"HellaSwag data file {path} (from {source}) {what}")
             return path
     path = Path(cache_dir) / "hellaswag_val.jsonl"
     if not path.is_file():
@@ -1387,14 +1451,18 @@ def make_batches(examples, batch_size: int, block_size: int | None, pad_to_multi
 
 @torch.no_grad()
 def hellaswag_losses(model, examples, device, batch_size=16, autocast_dtype=None, pad_to_multiple=16,
-                     sort_by_length=True, progress=False):
+                     sort_by_length=True, progress=False, min_batches=0):
     """Each ending's loss, summed over its tokens and per token: two (len(examples), 4) CPU tensors.
-    model maps tokens (B, T) to logits: our GPT (compiled or not) or a Hugging Face GPT2LMHeadModel."""
+    model maps tokens (B, T) to logits: our GPT (compiled or not) or a Hugging Face GPT2LMHeadModel.
+    min_batches: forward passes to run at least (empty batches after the examples', scored nothing)."""
     config = model.config  # (a compiled module passes attribute lookups through)
     block_size = getattr(config, "block_size", None) or getattr(config, "n_positions", None)
     sum_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)  # row 4 * i + j: example i, ending j
     mean_losses = torch.zeros(len(examples) * NUM_ENDINGS, device=device)
     batches = make_batches(examples, batch_size, block_size, pad_to_multiple, sort_by_length)
+    shape = (NUM_ENDINGS * batch_size, min(pad_to_multiple, block_size or pad_to_multiple))
+    empty = Batch(torch.full(shape, EOT_TOKEN), torch.zeros(shape, dtype=torch.bool), rows=[])
+    batches = itertools.chain(batches, [empty] * max(0, min_batches - math.ceil(len(examples) / batch_size)))
     for batch in progress_bar(batches, progress, "HellaSwag", total=math.ceil(len(examples) / batch_size)):
         tokens, scored = batch.tokens.to(device), batch.scored.to(device)
         with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -1405,7 +1473,7 @@ def hellaswag_losses(model, examples, device, batch_size=16, autocast_dtype=None
         logits, targets, scored = logits[:, :-1], tokens[:, 1:], scored[:, 1:]
         token_losses = torch.zeros(scored.shape, device=device)  # (rows, T - 1), zero where not scored
         token_losses[scored] = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
-        rows = torch.tensor(batch.rows, device=device)  # the rows after len(rows) are padding
+        rows = torch.tensor(batch.rows, dtype=torch.long, device=device)  # the rows after len(rows) are padding
         sum_losses[rows] = token_losses.sum(dim=1)[: len(rows)]
         mean_losses[rows] = (token_losses.sum(dim=1) / scored.sum(dim=1).clamp(min=1))[: len(rows)]
     # One device -> host copy, at the end: no waiting for the GPU after every batch.
@@ -1419,8 +1487,10 @@ def hellaswag_counts(model, examples, device, batch_size=16, rank=0, world_size=
     numbers of forward passes: pass the model itself (compiled or not), not its DDP wrapper.
     pad_to_multiple: 16 gives a compiled model few shapes; an eager one may use 1 (no wasted tokens)."""
     share = examples[rank::world_size]
+    # A sharded model's forward is a collective (section 17): every rank runs as many as the busiest.
+    min_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size) if is_sharded(model) else 0
     sum_losses, mean_losses = hellaswag_losses(model, share, device, batch_size, autocast_dtype, pad_to_multiple,
-                                               sort_by_length, progress)
+                                               sort_by_length, progress, min_batches)
     labels = torch.tensor([example.label for example in share], dtype=torch.long)
     return dict(correct=int((sum_losses.argmin(dim=1) == labels).sum()),
                 correct_norm=int((mean_losses.argmin(dim=1) == labels).sum()), total=len(share))
@@ -1470,9 +1540,11 @@ def load_hf_gpt2(name_or_dir: str):
     try:
         with quiet_transformers():
             hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load {name_or_dir!r} with transformers: {first_line}") from e
+    except Exception as e:  # a missing or truncated file (safetensors' own error), pickled objects, a bad config, ...
+        first_line = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
+        if "weights_only" in str(e) or "Weights only" in str(e):  # torch refused to unpickle: don't pass on its advice
+            first_line = "it holds pickled Python objects, not only weights, and loading those could run code"
+        raise UserError(f"could not load {name_or_dir!r} with transformers: {type(e).__name__}: {first_line}") from e
     hf = hf_model.config
     # Every GPT2Config field that changes what the model computes must have GPT-2's value: this
     # model implements exactly that one function. Refuse anything else rather than be subtly wrong.
@@ -1529,25 +1601,32 @@ def weights_fingerprint(model: nn.Module) -> float:
     return sum(float(p.detach().double().sum()) for p in model.parameters())
 
 
-def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: bool = True) -> GPT:
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: bool = True, folder=None) -> GPT:
     """The model a checkpoint holds. A LoRA checkpoint holds only the adapters (and what else trained):
-    the pretrained model it adapted is loaded again from where the run found it, and the adapters are
-    merged into it (merge=False keeps them separate, to resume training)."""
+    the pretrained model it adapted is loaded again (from the run folder's copy of it, LORA_BASE_FILE,
+    which `folder` holds, or for a GPT-2 name from the hub), and the adapters are merged into it
+    (merge=False keeps them separate, to resume training)."""
     try:
         config = GPTConfig(**checkpoint["model_config"])
     except TypeError as e:
         raise UserError(f"{source}: model_config does not describe a GPTConfig ({e})") from e
+    bad = [f"{k}={v!r}" for k, v in asdict(config).items() if type(v) is not int or v < 1]
+    if bad:
+        raise UserError(f"{source}: model_config has {bad[0]}, not a positive whole number: the checkpoint is damaged")
     lora = checkpoint.get("lora")
     if lora is None:
         model = GPT(config)
         load_state_dict_checked(model, checkpoint["model"], source=source)
         return model
+    base = lora["base"]
+    if not Path(base).is_absolute() and base.endswith(".pt"):  # the run folder's own copy
+        base = str(Path(folder or ".") / base)
     try:
-        model = load_pretrained(lora["base"], config.vocab_pad_multiple)
+        model = load_pretrained(base, config.vocab_pad_multiple)
     except UserError as e:
-        raise UserError(f"{source} holds LoRA adapters for {lora['base']}, which does not load: {e}") from e
+        raise UserError(f"{source} holds LoRA adapters for {base}, which does not load: {e}") from e
     if asdict(model.config) != asdict(config) or weights_fingerprint(model) != lora["base_fingerprint"]:
-        raise UserError(f"{source} holds LoRA adapters for another model than the one now at {lora['base']}")
+        raise UserError(f"{source} holds LoRA adapters for another model than the one now at {base}")
     add_lora(model, lora["rank"], lora["alpha"], lora["targets"], lora["also_train"])
     model.lora = lora
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -1577,10 +1656,10 @@ def load_pretrained(reference: str, vocab_pad_multiple: int = 1) -> GPT:
     path = Path(resolve_reference(reference))
     if path.is_file() or path.suffix == ".pt":
         checkpoint = load_checkpoint(path)
-        model = model_from_checkpoint(checkpoint, source=str(path))
+        model = model_from_checkpoint(checkpoint, source=str(path), folder=path.parent)
         lora = checkpoint.get("lora")
         model.source = (f"{path} (step {checkpoint.get('step', '?')}" +
-                        (f", LoRA rank {lora['rank']} on {lora['base']}, merged)" if lora else ")"))
+                        (f", LoRA rank {lora['rank']} on {lora.get('source', lora['base'])}, merged)" if lora else ")"))
     else:
         model = GPT.from_pretrained(str(reference), vocab_pad_multiple)
         model.source = str(reference)
@@ -1594,16 +1673,50 @@ def load_model(init_from: str, device: str = "cpu") -> GPT:
 
 # What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
 # Everything else may change on --resume (learning rates, max_steps, intervals, ...) and is applied.
-FIXED_ON_RESUME = ("init_from", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple", "lora_rank",
+FIXED_ON_RESUME = ("model", "init_from", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple", "lora_rank",
                    "lora_alpha", "lora_targets", "lora_also_train", "total_batch_size", "micro_batch_size",
                    "data_seed", "optimizer")
 
 
-def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
+def pretrained_shape(reference: str) -> dict | None:
+    """n_layer, n_head, n_embd of the model a reference names, read without loading its weights; None
+    if it cannot be read (loading it says why, later)."""
+    if reference in GPT2_SIZES:
+        return GPT2_SIZES[reference]
+    try:
+        path = Path(resolve_reference(reference))
+        if path.is_dir():  # a Hugging Face directory
+            hf = json.loads((path / "config.json").read_text())
+            shape = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+            return shape if all(type(value) is int for value in shape.values()) else None
+        model_config = load_checkpoint(path)["model_config"]  # memory-mapped: the weights are not read
+        shape = {name: model_config[name] for name in ("n_layer", "n_head", "n_embd")}
+        return shape if all(type(value) is int for value in shape.values()) else None
+    except (UserError, OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def check_pretrained_shape(config: TrainConfig, explicit) -> None:
+    """With --init_from the model's shape is its own: a shape flag that says otherwise would be ignored."""
+    shape = pretrained_shape(config.init_from)
+    if shape is None:
+        return
+    claims = [(name, getattr(config, name), shape[name]) for name in ("n_layer", "n_head", "n_embd") if name in explicit]
+    if "model" in explicit:
+        claims += [("model", config.model, "another shape")] if GPT2_SIZES[config.model] != shape else []
+    for name, value, actual in claims:
+        if value != actual:
+            raise UserError(f"--{name} {value} has no effect with --init_from {config.init_from}, whose shape is "
+                            f"{shape['n_layer']} layers, {shape['n_head']} heads, {shape['n_embd']} wide: drop the flag")
+
+
+def build_model(config: TrainConfig, checkpoint: dict | None, resumed_from: Path | None = None) -> GPT:
     """The model to train: the resumed checkpoint's, a new GPT (--init_from scratch), or a pretrained
     model (a GPT-2 name, an HF dir, a checkpoint or a run folder), with LoRA adapters if asked."""
     if checkpoint is not None:  # resuming: the architecture (and LoRA adapters) come from the checkpoint
-        return model_from_checkpoint(checkpoint, source="the resumed checkpoint", merge=False)
+        model = model_from_checkpoint(checkpoint, source=f"{resumed_from}", merge=False, folder=Path(config.log_dir))
+        model.source = f"{resumed_from} (step {checkpoint['step']})"
+        return model
     if config.init_from == "scratch":
         return GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
                              n_embd=config.n_embd, vocab_pad_multiple=config.vocab_pad_multiple))
@@ -1611,8 +1724,11 @@ def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
     reference = resolve_reference(config.init_from)
     model = load_pretrained(reference, config.vocab_pad_multiple)
     if config.lora_rank:
-        path = Path(reference)  # where to find the base again: an absolute path, or a GPT-2 name
-        base = dict(base=str(path.resolve()) if path.exists() else reference, base_fingerprint=weights_fingerprint(model))
+        # A local base is kept as a copy in the run folder (save_lora_base), so that the fine-tune stays
+        # usable whatever becomes of the original; a GPT-2 name is downloaded again when needed.
+        base = dict(base=reference, source=reference, base_fingerprint=weights_fingerprint(model))
+        if Path(reference).exists():
+            base.update(base=LORA_BASE_FILE, source=str(Path(reference).resolve()))
         targets, also_train = split_list(config.lora_targets), split_list(config.lora_also_train)
         names = [name for name, _ in model.named_parameters()]
         unmatched = [fragment for fragment in also_train if not any(fragment in name for name in names)]
@@ -1627,10 +1743,45 @@ def build_model(config: TrainConfig, checkpoint: dict | None) -> GPT:
 # 15. Presets and the checks on settings
 
 
+# The recipe of each GPT-2 size trained from scratch (--model), on FineWeb-Edu with the default recipe
+# (AdamW, warmup, cosine to 10%). Cited: the learning rate and batch of the GPT-3 paper's model nearest
+# in size (Brown et al., 2020, Table 2.1), warmup over GPT-3's 375M tokens (715 steps of 2^19), and
+# llm.c's GPT-2 runs (karpathy/llm.c, scripts/run_gpt2_{124M,350M,774M,1558M}.sh). max_steps is our
+# estimate of the tokens that reach OpenAI's model of that size; fast_steps the same for --preset fast.
+# micro_batch_size: what fits an 80 GB GPU with DDP, bf16 (estimate_memory, section 17).
+GPT2_RECIPES = {
+    # GPT-3 Small: 6e-4, 2^19 tokens. 10B tokens: build-nanogpt's and llm.c's 124M runs pass GPT-2 124M's
+    # HellaSwag (cited); fast: README, "What a run costs" (our estimate).
+    "gpt2": dict(max_lr=6e-4, total_batch_size=2**19, warmup_steps=715, max_steps=19_073, fast_steps=8_000,
+                 micro_batch_size=64),
+    # GPT-3 Medium (350M) and llm.c's 350M: 3e-4, 2^19 (cited). 31.5B tokens: llm.c's 350M run (cited);
+    # that it reaches GPT-2 medium is our guess (80 tokens per parameter, as 124M's 10B).
+    "gpt2-medium": dict(max_lr=3e-4, total_batch_size=2**19, warmup_steps=715, max_steps=60_000, fast_steps=25_000,
+                        micro_batch_size=32),
+    # GPT-3 Large (760M) and llm.c's 774M: 2.5e-4, 2^19 (cited). llm.c trained 150B tokens; 80 tokens per
+    # parameter, 62B, is our guess.
+    "gpt2-large": dict(max_lr=2.5e-4, total_batch_size=2**19, warmup_steps=715, max_steps=118_000, fast_steps=50_000,
+                       micro_batch_size=16),
+    # llm.c's 1558M: 6e-4, 2^20 tokens a step, 700 warmup steps (cited); it matched GPT-2 XL's HellaSwag
+    # about 25K steps into its 32K-step run (cited): 25,000 steps (26B tokens), the schedule ending there (guess).
+    "gpt2-xl": dict(max_lr=6e-4, total_batch_size=2**20, warmup_steps=700, max_steps=25_000, fast_steps=10_500,
+                    micro_batch_size=8),
+}
+
+
+def size_defaults(args) -> dict:
+    """--model's shape and recipe (with --preset fast, its fast_steps): defaults under a preset's and the flags'."""
+    recipe = dict(GPT2_SIZES[args.model], **GPT2_RECIPES[args.model])
+    fast_steps = recipe.pop("fast_steps")
+    if args.preset == "fast":
+        recipe["max_steps"] = fast_steps
+    return recipe
+
+
 PRESETS = {
-    # GPT-2 124M on FineWeb-Edu in fewer tokens: Muon for the block matrices, AdamW for the rest, a
-    # warmup-stable-decay schedule. The same GPT-2 (it exports to Hugging Face like any other); the
-    # evidence for each number is in README.md, "What a run costs".
+    # GPT-2 in fewer tokens: Muon for the block matrices, AdamW for the rest, a warmup-stable-decay
+    # schedule, and the size's fast_steps (8,000 for 124M, 4.2B tokens). The same GPT-2 (it exports to
+    # Hugging Face like any other); the evidence for each number is in README.md, "What a run costs".
     "fast": dict(
         optimizer="muon",
         muon_lr=0.02,
@@ -1639,7 +1790,6 @@ PRESETS = {
         warmup_steps=250,
         decay_frac=0.2,
         min_lr_ratio=0.0,
-        max_steps=8000,  # 4.2B tokens: our estimate of what reaches GPT-2's val loss and HellaSwag
     ),
     # A quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU.
     "shakespeare": dict(
@@ -1676,7 +1826,8 @@ def prepare_quick_start_data(data_dir: str) -> None:
 
 def parse_config(argv=None) -> TrainConfig:
     """The command line, from TrainConfig's fields, checked. --preset NAME changes the defaults; flags win."""
-    config, explicit = parse_dataclass(TrainConfig, argv, PRESETS, "Train GPT-2. Every setting is a flag; see README.md.")
+    config, explicit = parse_dataclass(TrainConfig, argv, PRESETS, "Train GPT-2. Every setting is a flag; see README.md.",
+                                       defaults=size_defaults)
     for name in ("lora_targets", "lora_also_train"):  # "a, b" and "a,b" are the same list
         setattr(config, name, ",".join(split_list(getattr(config, name))))
     # The flags on the command line (not a preset's or the defaults): some only make sense with others.
@@ -1702,13 +1853,17 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
         raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if config.init_from != "scratch" and explicit & {"model", "n_layer", "n_head", "n_embd"}:
+        check_pretrained_shape(config, explicit)
+    if config.shard and config.dtype == "float16":
+        raise UserError("--shard runs in bfloat16 or float32: float16's gradient scaler does not work with sharding here")
     if config.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
         raise UserError(f"--loss chunked needs torch 2.13 or newer (F.linear_cross_entropy); this is torch {torch.__version__}")
     if config.resume and config.overwrite:
         raise UserError("--resume continues the run in --log_dir and --overwrite deletes it: give one of them")
     if len(set(split_list(config.lora_targets))) < len(split_list(config.lora_targets)):
         raise UserError(f"--lora_targets {config.lora_targets!r} names a matrix twice")
-    muon_flags = sorted(explicit & {"muon_lr", "muon_momentum", "muon_weight_decay"})
+    muon_flags = sorted(explicit & {"muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr"})
     if config.optimizer != "muon" and muon_flags:
         raise UserError(f"--{muon_flags[0]} has no effect without --optimizer muon")
     if config.schedule != "wsd" and "decay_frac" in explicit:
@@ -1751,7 +1906,8 @@ def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compil
     train_tokens = train_loader.windows_per_epoch * config.micro_batch_size * config.block_size
     lines = [
         f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'} | "
-        f"{'chunked' if model.loss_chunk_rows else 'plain'} loss",
+        f"{'chunked' if model.loss_chunk_rows else 'plain'} loss" + (" | sharded (FSDP2)" if config.shard else "")
+        + (" | activation checkpointing" if config.activation_checkpointing else ""),
         f"model:  {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
         f"block {c.block_size}, vocab {c.padded_vocab_size}) from {model.source}",
         f"data:   {config.data_dir}/: {human(train_tokens)} train tokens in {len(train_loader.shards)} shard(s); "
@@ -1760,6 +1916,7 @@ def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compil
         f"steps:  {config.max_steps:,} x {config.total_batch_size:,} tokens = {human(tokens)} tokens "
         f"({tokens / train_tokens:.2f} epochs); a step = {config.micro_batch_size} x {config.block_size} tokens x "
         f"{world_size} process(es) x {grad_accum_steps} accumulation steps",
+        f"memory: {estimate_memory(model, config, world_size, dtype, device).describe()}",
         f"every setting: {Path(config.log_dir) / 'train_config.json'} (--print_settings prints them here)",
     ]
     if model.lora:
@@ -1784,21 +1941,157 @@ def run_summary(config: TrainConfig, model: GPT, step: int, steps_done: int, sec
     if acc_norm is not None:
         reference = f" (OpenAI's {name}: {gpt2_hella:.4f})" if same_size else ""
         lines.append(f"HellaSwag acc_norm {acc_norm:.4f}{reference}")
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():  # what to compare with the estimate at the start
+        lines.append(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated on this GPU, of "
+                     f"{torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.1f} GiB")
     newest = find_latest_checkpoint(log_dir)
     lines.append(f"newest checkpoint: {newest}")
     if not finished:
         lines.append("continue: the same command with --resume")
-    lines += ["next:",
-              f"  python sample.py --init_from {log_dir}/                       # talk to it",
-              f"  python hellaswag.py --model {log_dir}/                        # HellaSwag on all 10,042 examples",
-              f"  python -c \"from train_gpt2 import load_model; load_model('{log_dir}/').save_hf('my-gpt2')\"   # to Hugging Face",
-              f"  RUN_DIR={log_dir} jupyter lab play.ipynb                      # plots of the run"]
+    folder = f"{log_dir}/"
+    export = f"from train_gpt2 import load_model; load_model({folder!r}).save_hf('my-gpt2')"
+    lines += ["next:",  # commands to paste: a folder with a space or a quote in its name is quoted
+              f"  {shell_command('python', 'sample.py', '--init_from', folder):<56}  # talk to it",
+              f"  {shell_command('python', 'hellaswag.py', '--model', folder):<56}  # HellaSwag on all 10,042 examples",
+              f"  python -c {shell_double_quoted(export)}   # to Hugging Face",
+              f"  {'RUN_DIR=' + shell_command(log_dir) + ' jupyter lab play.ipynb':<56}  # plots of the run"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 17. Bigger models: sharding, activation checkpointing, and the memory a GPU needs
+#
+# With DDP every GPU holds the whole model and its training state: AdamW keeps 16 bytes per parameter
+# (fp32 weights, gradients, two moments), 25 GB for GPT-2 XL before a single activation. --shard uses
+# PyTorch's FSDP2 (fully_shard): each of N GPUs keeps 1/N of every weight, gradient and optimizer state,
+# gathers a block's weights just before the block runs (in forward and again in backward) and frees
+# them after. Every block is a unit of its own, then the root (embeddings, final LayerNorm and the tied
+# classifier); weights are gathered in bf16 and the fp32 copy stays the master, as under autocast.
+# --activation_checkpointing keeps only each block's input during the forward pass and recomputes the
+# rest in backward: about 1/16 of a block's activations, for about a third more compute.
+#
+# A sharded run's checkpoint is gathered to full tensors as it is saved, so that it is the same file as
+# any other run's: sample.py, hellaswag.py, validate.py, save_hf and --init_from read it as it is, and
+# --resume continues it sharded or not, on any number of GPUs. (torch.distributed.checkpoint writes
+# each rank's shards in parallel instead: faster for models far beyond GPT-2's sizes, but every reader
+# of a checkpoint would need a conversion first.)
+
+
+def shard_model(model: GPT, dtype: torch.dtype) -> None:
+    """FSDP2, in place: each block a unit, then the root. Call before the optimizers are made: they then
+    hold this rank's shards only."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    gathered_dtype = None if dtype == torch.float32 else dtype  # the dtype weights are gathered (and computed) in
+    policy = MixedPrecisionPolicy(param_dtype=gathered_dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def is_sharded(model) -> bool:
+    """Whether fully_shard made this model (or the one torch.compile wraps) an FSDP2 module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def gathered(state, keep: bool):
+    """A (nested) state dict whose tensors may be shards, with full tensors instead: on the CPU where
+    keep (rank 0, which saves), dropped elsewhere. Every rank must call it: gathering is a collective."""
+    if isinstance(state, dict):
+        return {key: gathered(value, keep) for key, value in state.items()}
+    if isinstance(state, list):
+        return [gathered(value, keep) for value in state]
+    if hasattr(state, "full_tensor"):
+        full = state.full_tensor()
+        return full.cpu() if keep else None
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict of a full (unsharded) state. For a sharded model, each tensor the size of
+    its parameter (AdamW's moments, Muon's momentum) is first cut to this rank's shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(hasattr(p, "full_tensor") for p in params):
+        state = dict(state, state={
+            index: {key: distribute_tensor(value.to(params[index].device), params[index].device_mesh, params[index].placements)
+                    if torch.is_tensor(value) and value.shape == params[index].shape else value
+                    for key, value in param_state.items()}
+            for index, param_state in state["state"].items()})
+    optimizer.load_state_dict(state)
+
+
+@dataclass
+class MemoryEstimate:
+    """What a process holds while it trains, in bytes: a model of what PyTorch keeps, calibrated against
+    the measured peak on a CPU (tests/test_sizes.py holds it within 25% at two shapes) and on an H200
+    (README, "Sizes": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float  # per micro-batch: what the backward pass needs, and the logits at their peak
+    available: float | None  # the memory of the device (a GPU's, or the machine's for a CPU); None if unknown
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+        return (f"~{gib(self.total)} GiB per process: weights {gib(self.weights)}, gradients {gib(self.gradients)}, "
+                f"optimizer {gib(self.optimizer)}, activations {gib(self.activations)} per micro-batch"
+                + (f" (of {gib(self.available)} GiB)" if self.available else ""))
+
+
+def estimate_memory(model: GPT, config: TrainConfig, world_size: int, dtype: torch.dtype, device: str,
+                    micro_batch_size: int | None = None) -> MemoryEstimate:
+    c, B, T = model.config, micro_batch_size or config.micro_batch_size, config.block_size
+    shards = world_size if config.shard else 1
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for _, p in trainable)
+    muon = sum(p.numel() for name, p in trainable if config.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2)
+    weights, gradients = 4 * model.num_params() / shards, 4 * n_trainable / shards  # fp32 masters and gradients
+    optimizer = (8 * (n_trainable - muon) + 4 * muon) / shards  # AdamW's two moments, Muon's momentum
+    # Per token and layer, autograd keeps the inputs of the two LayerNorms in fp32, and in the compute
+    # dtype the inputs of the four matmuls (C, C, C, 4C), q, k, v and attention's output (4C) and GELU's
+    # input (4C): 15C values; checkpointing keeps the block's input only, and one block's worth again
+    # while it is recomputed. The logits peak in backward at ~12 bytes each (the logits, their fp32
+    # log-softmax and its gradient); the chunked loss holds ~6 bytes a logit, a chunk of rows at a time.
+    # Compiled on a GPU, inductor fuses the log-softmax and its gradient into kernels that keep only the
+    # logits, in the compute dtype (measured on an H200: 124M at B=64 peaks at 28.9 GiB, not 60); a
+    # sharded model's compiled graph breaks at every block and the measured peak is the eager one.
+    compute = 4 if dtype == torch.float32 else 2
+    per_layer = B * T * c.n_embd * (8 + 15 * compute)
+    layers = B * T * c.n_embd * 4 * c.n_layer + per_layer if config.activation_checkpointing else per_layer * c.n_layer
+    fused = config.compile != "off" and device.startswith("cuda") and not config.shard
+    logits = 6 * min(B * T, LOSS_CHUNK_ROWS) if model.loss_chunk_rows else (compute if fused else 12) * B * T
+    activations = layers + logits * c.padded_vocab_size + 2 * B * T * c.n_embd * 4  # + the stream's two ends
+    return MemoryEstimate(weights, gradients, optimizer, activations, available_memory(device))
+
+
+def out_of_memory_advice(model: GPT, config: TrainConfig, world_size: int, dtype: torch.dtype, device: str) -> str:
+    """One line for a run that ran out of memory: which flag to change, and by how much."""
+    estimate = estimate_memory(model, config, world_size, dtype, device)
+    line = f"out of memory with --micro_batch_size {config.micro_batch_size} ({estimate.describe()}): "
+    budget = 0.85 * (estimate.available or estimate.total / 2)  # leave room for the allocator's fragments
+    smaller = [b for b in range(config.micro_batch_size - 1, 0, -1) if config.micro_batch_size % b == 0
+               and estimate_memory(model, config, world_size, dtype, device, b).total <= budget]
+    if smaller:
+        return line + (f"try --micro_batch_size {smaller[0]} (the same total batch, "
+                       f"{config.micro_batch_size // smaller[0]}x the accumulation steps)")
+    if not config.activation_checkpointing:
+        return line + "even --micro_batch_size 1 does not fit: add --activation_checkpointing (and --shard on several GPUs)"
+    if not config.shard:
+        return line + "add --shard and run on several GPUs (torchrun --nproc_per_node=N): each keeps 1/N of the model"
+    return line + f"the model does not fit {world_size} GPU(s) of this size: add GPUs, or train a smaller --model"
 
 
 def main(argv=None):
     config = parse_config(argv)
-    ddp, rank, local_rank, world_size, device = setup_distributed(config.device)
+    ddp, rank, local_rank, world_size, device = setup_distributed(config.device, config.shard)
     try:
         train(config, ddp, rank, local_rank, world_size, device)
     finally:
