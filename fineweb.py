@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from plumbing import ArgumentParser, UserError, run_main, utf8_lines
+from plumbing import ArgumentParser, UserError, check_writable_folder, run_main, shell_command, utf8_lines
 from train_gpt2 import DATA_DIR, EOT_TOKEN, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB of uint16, 100 shards for FineWeb-Edu 10B
@@ -142,7 +142,8 @@ def _read_file(path: Path, text_field: str):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line_number}: not a JSON line ({e.msg})") from e
-            yield _text_of(record, text_field, where=f"{path}:{line_number}")
+            if text := _text_of(record, text_field, where=f"{path}:{line_number}"):  # an empty text is no document
+                yield text
     else:
         import pyarrow.parquet  # comes with `datasets`; only needed for parquet inputs
 
@@ -157,7 +158,8 @@ def _read_file(path: Path, text_field: str):
             for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
                     raise UserError(f"{path}: field {text_field!r} of a row is {type(text).__name__}, not text")
-                yield text
+                if text:
+                    yield text
 
 
 def _text_of(record, text_field: str, where: str) -> str:
@@ -511,14 +513,17 @@ def make_shards(args: argparse.Namespace) -> Path:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1")
     if args.input and (args.source or args.streaming):
         raise UserError("--source and --streaming are for hub datasets; --input reads local files")
+    default_out_dir = ("tinyshakespeare_tokens" if args.source == "shakespeare" else "local_tokens" if args.input
+                       else HUB_SOURCES[args.source or "edu10B"].out_dir)
+    check_writable_folder(args.out_dir or default_out_dir, "--out_dir")  # now, not after tokenizing a shard
     if args.source == "shakespeare":
-        return prepare_shakespeare(args.out_dir or "tinyshakespeare_tokens")
+        return prepare_shakespeare(args.out_dir or default_out_dir)
     shard_options = dict(shard_size=args.shard_size, val_tokens=args.val_tokens, max_docs=args.max_docs,
                          num_proc=args.num_proc, start_method=args.start_method)
     if args.input:
         files = find_input_files(args.input)
         if next(read_docs(files, args.text_field), None) is None:  # also checks the field name, on the first record
-            raise UserError(f"no documents in {', '.join(args.input)}: the input is empty")
+            raise UserError(f"no documents in {', '.join(args.input)}: the input is empty (or holds only empty texts)")
         out_dir = Path(args.out_dir or "local_tokens")
         write_shards(
             lambda skip: itertools.islice(read_docs(files, args.text_field), skip, None), out_dir,
@@ -552,7 +557,7 @@ def main(argv=None) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     preset = args.source == "shakespeare" and args.out_dir is None
-    print(f"train on them: python train_gpt2.py {'--preset shakespeare' if preset else f'--data_dir {out_dir}'}")
+    print(f"train on them: {shell_command('python', 'train_gpt2.py', *(['--preset', 'shakespeare'] if preset else ['--data_dir', out_dir]))}")
 
 
 if __name__ == "__main__":

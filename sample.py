@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from plumbing import ArgumentParser, UserError, pick_device, run_main
+from plumbing import ArgumentParser, UserError, available_memory, pick_device, run_main
 from train_gpt2 import encode_prompt, get_tokenizer, load_model, pick_dtype
 
 
@@ -91,6 +91,19 @@ def text_loss(model, tokens: list[int], device: str, max_tokens: int, batch_size
     return loss_sum / count, count
 
 
+def check_memory(model, args, prompt_tokens: int, device: str) -> None:
+    """Refuse, before sampling, what cannot fit: the tokens of every sample, the KV cache (keys and values
+    of every layer for block_size positions of each sample) and a step's logits."""
+    c, rows = model.config, args.num_samples
+    weight_bytes = model.lm_head.weight.element_size()
+    need = (rows * (prompt_tokens + args.max_new_tokens) * 8 + 2 * c.n_layer * rows * c.block_size * c.n_embd * weight_bytes
+            + 3 * rows * c.padded_vocab_size * 4)
+    available = available_memory(device)
+    if available and need > 0.8 * available:
+        raise UserError(f"--num_samples {rows} x --max_new_tokens {args.max_new_tokens} needs ~{need / 2**30:,.1f} GiB "
+                        f"(the tokens and the KV cache), more than the {available / 2**30:,.1f} GiB here: ask for fewer")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -104,6 +117,7 @@ def main(argv=None):
     models = {}
     for label, reference in zip(labels, references):
         models[label] = load_model(reference, device).to(dtype)  # decoded in the dtype it is held in
+        check_memory(models[label], args, len(prompt), device)
         print(f"model{' ' + label if label else ''}: {models[label].source}")
     losses = {}
     for label, model in models.items():

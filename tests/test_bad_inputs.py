@@ -7,6 +7,8 @@ run a few of the same cases as real subprocesses.
 """
 
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,8 @@ def files(tmp_path_factory, shakespeare_shards, shared_data):
     np.save(root / "half.npy", train_shard[: len(train_shard) // 2])
     high = val.copy()
     high[100] = 50300  # inside the padded vocab (50,304): a model would score it without complaint
+    train_high = train_shard.copy()
+    train_high[-50] = 60000  # in the last window of the shard: found at the start, not when its batch comes
     paths = dict(
         shards=shakespeare_shards,
         truncated=shard_dir("truncated", whole[: len(whole) // 2]),
@@ -54,6 +58,7 @@ def files(tmp_path_factory, shakespeare_shards, shared_data):
         garbage=shard_dir("garbage", b"these bytes are no shard at all"),
         val_out_of_vocab=shard_dir("val_out_of_vocab", val_tokens=high),
         smaller=shard_dir("smaller", (root / "half.npy").read_bytes()),
+        train_out_of_vocab=shard_dir("train_out_of_vocab"),
         binary=root / "binary.txt",
         bad_utf8_jsonl=root / "bad.jsonl",
         fake_parquet=root / "fake.parquet",
@@ -63,7 +68,13 @@ def files(tmp_path_factory, shakespeare_shards, shared_data):
         hf=root / "hf",
         earlier=root / "earlier_run",
         log_only=root / "log_only",
+        empty_texts=root / "empty_texts.jsonl",
+        bad_config=root / "bad_config.pt",
+        cut_safetensors=root / "cut_safetensors",
+        pickled_bin=root / "pickled_bin",
     )
+    np.save(paths["train_out_of_vocab"] / "x_train_000001.npy", train_high)
+    paths["empty_texts"].write_text('{"text": ""}\n{"text": ""}\n')
     paths["log_only"].mkdir()
     (paths["log_only"] / "log.txt").write_text("0 train 10.9\n")  # a run killed before its first checkpoint
     paths["binary"].write_bytes(bytes(range(256)) * 4)
@@ -75,6 +86,15 @@ def files(tmp_path_factory, shakespeare_shards, shared_data):
     torch.manual_seed(0)
     t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).save_hf(paths["hf"])
     train(shakespeare_shards, paths["earlier"], "--max_steps", "1")  # a finished run: must survive every case
+    checkpoint = torch.load(next(paths["earlier"].glob("ckpt_*.pt")), weights_only=True)
+    checkpoint["model_config"]["n_layer"] = "2"  # a value of the wrong type
+    torch.save(checkpoint, paths["bad_config"])
+    t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).save_hf(paths["cut_safetensors"])
+    weights = paths["cut_safetensors"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).save_hf(paths["pickled_bin"])
+    (paths["pickled_bin"] / "model.safetensors").unlink()
+    torch.save({"weights": argparse.Namespace(a=1)}, paths["pickled_bin"] / "pytorch_model.bin")  # a pickled object
     return paths
 
 
@@ -157,6 +177,28 @@ CASES = {
     "resume with another model size": ("train", lambda f: train_args(f, "--resume", "--n_layer", "3", log_dir=f["earlier"]), ["--n_layer", "--resume"]),
     "resume on other data": ("train", lambda f: train_args(f, "--resume", "--data_dir", f["smaller"], "--max_steps", "3", log_dir=f["earlier"]), ["train shards", "saved run"]),
     "resume a log without checkpoints": ("train", lambda f: train_args(f, "--resume", log_dir=f["log_only"]), ["no checkpoint", "--overwrite"]),
+    # ... the second round: numbers out of range, flags with no effect, files that fail in other ways
+    "seed above 2^63": ("train", lambda f: train_args(f, "--seed", str(2**64)), ["--seed 18446744073709551616"]),
+    "data_seed negative": ("train", lambda f: train_args(f, "--data_seed", "-1"), ["--data_seed -1"]),
+    "eps that is 0 in float32": ("train", lambda f: train_args(f, "--eps", "1e-50"), ["--eps 1e-50", "float32"]),
+    "a shape with init_from": ("train", lambda f: train_args(f, "--init_from", f["hf"], "--n_layer", "3"), ["--n_layer", "--init_from"]),
+    "a size with init_from": ("train", lambda f: train_args(f, "--init_from", f["hf"], "--model", "gpt2-medium"), ["--model", "--init_from"]),
+    "log_dir unwritable": ("train", lambda f: train_args(f, log_dir="/proc/gpt2_run"), ["--log_dir /proc/gpt2_run"]),
+    "a block far larger than the data": ("train", lambda f: train_args(f, "--block_size", str(10**8), "--total_batch_size", str(2 * 10**8)),
+                                         ["fewer than one batch", "--block_size"]),
+    "a bad token in a train shard": ("train", lambda f: train_args(f, "--data_dir", f["train_out_of_vocab"]), ["x_train_000001.npy", "60000"]),
+    "hellaswag data a folder": ("train", lambda f: train_args(f, "--hellaswag", "--hellaswag_data", f["hf"]), ["is a folder"]),
+    "model_config of the wrong type": ("train", lambda f: train_args(f, "--init_from", f["bad_config"]), ["model_config", "n_layer='2'"]),
+    "safetensors cut in half": ("sample", lambda f: ["--init_from", f["cut_safetensors"]], ["cut_safetensors", "could not load"]),
+    "pickled objects in a .bin": ("sample", lambda f: ["--init_from", f["pickled_bin"]], ["pickled_bin", "pickled Python objects"]),
+    "sample num_samples absurd": ("sample", lambda f: ["--init_from", f["hf"], "--num_samples", "100000000"], ["--num_samples 100000000", "GiB"]),
+    "sample max_new_tokens absurd": ("sample", lambda f: ["--init_from", f["hf"], "--max_new_tokens", str(10**12)], ["--max_new_tokens", "GiB"]),
+    "hellaswag data a folder (hellaswag.py)": ("hellaswag", lambda f: ["--model", f["hf"], "--data", f["hf"]], ["is a folder"]),
+    "fineweb out_dir a file": ("fineweb", lambda f: ["--input", f["bad_utf8_jsonl"], "--out_dir", f["a_file"], "--num_proc", "1"], ["--out_dir", "is a file"]),
+    "fineweb out_dir unwritable": ("fineweb", lambda f: ["--input", f["bad_utf8_jsonl"], "--out_dir", "/proc/gpt2_tokens", "--num_proc", "1"],
+                                   ["--out_dir /proc/gpt2_tokens", "cannot write"]),
+    "fineweb only empty texts": ("fineweb", lambda f: ["--input", f["empty_texts"], "--out_dir", f["a_file"].parent / "o4", "--num_proc", "1"],
+                                 ["empty_texts.jsonl", "empty"]),
     # sample.py
     "top_p 0": ("sample", lambda f: ["--init_from", f["hf"], "--top_p", "0"], ["--top_p 0"]),
     "top_p 1.5": ("sample", lambda f: ["--init_from", f["hf"], "--top_p", "1.5"], ["--top_p 1.5"]),

@@ -153,3 +153,86 @@ def test_weights_stay_tied_after_loading(shakespeare_shards, tmp_path):
     train(shakespeare_shards, tmp_path, "--max_steps", "2", "--stop_after_step", "1")
     for model in (t.load_model(str(tmp_path)), t.build_model(t.TrainConfig(), t.load_checkpoint(tmp_path / "ckpt_000001.pt"))):
         assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_lora_fine_tune_outlives_its_base(shakespeare_shards, tmp_path):
+    """A LoRA run on a checkpoint of another run keeps a copy of the weights it adapts in its own folder:
+    when the base run trains on and rotates that checkpoint out, and even when the base folder is gone,
+    the fine-tune still loads (sample.py), resumes, and names the base it adapted."""
+    import shutil
+
+    base = tmp_path / "base"
+    train(shakespeare_shards, base, "--max_steps", "4", "--keep_checkpoints", "1")
+    base_checkpoint = base / "ckpt_000004.pt"
+    lora = tmp_path / "lora"
+    lora_args = ["--init_from", base_checkpoint, "--lora_rank", "2", "--max_steps", "4", "--eval_interval", "2"]
+    train(shakespeare_shards, lora, *lora_args, "--stop_after_step", "2")
+    assert (lora / "lora_base.pt").exists() and t.load_checkpoint(lora / "lora_base.pt")["lora"] is None
+    train(shakespeare_shards, base, "--max_steps", "8", "--keep_checkpoints", "1", "--checkpoint_interval", "1", "--resume")
+    assert not base_checkpoint.exists()  # rotated out
+    shutil.rmtree(base)
+    result = train(shakespeare_shards, lora, *lora_args, "--resume")
+    assert f"from {lora / 'ckpt_000002.pt'} (step 2)" in result.stdout  # a resumed run says what it resumed
+    sample = run_script("sample.py", "--init_from", lora, "--max_new_tokens", "3", "--num_samples", "1")
+    assert sample.returncode == 0, sample.stderr
+    assert f"LoRA rank 2 on {base_checkpoint}, merged" in sample.stdout
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(shakespeare_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shakespeare_shards, run_dir, "--max_steps", "2")
+    before = {p.name: p.read_bytes() for p in run_dir.glob("ckpt_*.pt")}
+    cmd = script_command(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", run_dir, *TINY, "--max_steps", "5000", "--resume")
+    proc = subprocess.Popen(cmd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_log(run_dir, "train")) < 5:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    seen = []  # the second Ctrl-C once the first is handled (two at once may arrive as one), while the step runs
+    for line in proc.stdout:
+        seen.append(line)
+        if "SIGINT received" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    out = "".join(seen) + out
+    assert_one_line_error(subprocess.CompletedProcess(cmd, proc.returncode, out, err), "second Ctrl-C", "--resume")
+    assert {p.name: p.read_bytes() for p in run_dir.glob("ckpt_*.pt")} == before  # nothing lost
+    train(shakespeare_shards, run_dir, "--max_steps", "6", "--resume")
+
+
+def test_a_pretrained_run_records_its_model_shape_and_resumes(shakespeare_shards, tmp_path):
+    """--init_from: train_config.json and the checkpoint record the model's own shape, not the flags'
+    defaults (12 layers), and --resume is not refused over the difference."""
+    import json
+
+    t.GPT(t.GPTConfig(block_size=64, n_layer=3, n_head=2, n_embd=32)).save_hf(tmp_path / "hf")
+    shapeless = [flag for i, flag in enumerate(TINY) if flag not in ("--n_layer", "--n_head", "--n_embd")
+                 and TINY[i - 1] not in ("--n_layer", "--n_head", "--n_embd")]  # the flags' defaults: 12 layers
+
+    def train_from_hf(*extra):
+        result = run_script(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "run", *shapeless,
+                            "--init_from", tmp_path / "hf", "--max_steps", "4", *extra)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    train_from_hf("--stop_after_step", "2")
+    settings = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (settings["n_layer"], settings["n_head"], settings["n_embd"]) == (3, 2, 32)
+    result = train_from_hf("--resume")
+    applied = [line for line in result.stdout.splitlines() if line.startswith("resume: applying")]
+    assert not any("--n_layer" in line for line in applied), applied
+
+
+def test_the_commands_printed_at_the_end_paste_into_a_shell(shakespeare_shards, tmp_path):
+    """A run folder with a space and a quote in its name: each command of the summary, pasted into bash,
+    gets the folder as one argument."""
+    import shlex
+
+    run_dir = tmp_path / "my run's folder"
+    out = train(shakespeare_shards, run_dir, "--max_steps", "1").stdout
+    commands = [line.split("  #")[0].strip() for line in out[out.index("next:"):].splitlines()[1:]]
+    assert shlex.split(commands[0]) == ["python", "sample.py", "--init_from", f"{run_dir}/"]
+    assert shlex.split(commands[1]) == ["python", "hellaswag.py", "--model", f"{run_dir}/"]
+    assert f"load_model({str(run_dir) + '/'!r})" in shlex.split(commands[2])[2]
+    assert shlex.split(commands[3])[0] == f"RUN_DIR={run_dir}"
