@@ -51,6 +51,7 @@ def test_command_line_is_the_config_dataclass():
     assert (c.weight_decay, c.beta1, c.beta2, c.eps, c.grad_clip, c.eval_interval) == (0.1, 0.9, 0.95, 1e-8, 1.0, 250)
     c = t.parse_config(["--preset", "shakespeare", "--max_steps", "7", "--no-hellaswag"])
     assert c.data_dir == "tinyshakespeare_tokens" and c.max_steps == 7 and c.hellaswag is False
+    assert (c.optimizer, c.schedule, c.muon_lr, c.max_lr, c.decay_frac) == ("muon", "wsd", 0.02, 6e-3, 0.2)  # the fast recipe
     help_text = run_script(TRAIN, "--help").stdout
     assert "--total_batch_size" in help_text and "tokens per optimizer step" in help_text
 
