@@ -1,7 +1,7 @@
 """
 GPT-2, from scratch, in one file that reads top to bottom.
 
-    python train_gpt2.py --preset shakespeare               # a small GPT on a CPU, about 5 minutes
+    python train_gpt2.py --preset shakespeare               # a small GPT on a CPU, 5-13 minutes
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # the GPT-2 124M reproduction (FineWeb-Edu 10B)
 
 Part I, the story: a complete GPT-2 trainer, in the order you would explain it
@@ -628,7 +628,7 @@ class TrainConfig:
     n_embd: int = setting(768, "width of the residual stream (for --init_from scratch)", rule="positive")
     vocab_pad_multiple: int = setting(64, "pad the vocab to a multiple of this (64: 50257 -> 50304, faster on GPUs)",
                                       rule="positive")
-    # fine-tuning with LoRA (section 5)
+    # fine-tuning with LoRA (section 12)
     lora_rank: int = setting(0, "rank of the LoRA adapters (0 = no LoRA: every weight trains)", rule="non_negative")
     lora_alpha: float = setting(16.0, "LoRA's update is scaled by lora_alpha / lora_rank", rule="positive_number")
     lora_targets: str = setting(",".join(LORA_TARGETS), "the matrices of each block that get adapters (comma-separated)")
@@ -1751,7 +1751,7 @@ def build_model(config: TrainConfig, checkpoint: dict | None, resumed_from: Path
 # micro_batch_size: what fits an 80 GB GPU with DDP, bf16 (estimate_memory, section 17).
 GPT2_RECIPES = {
     # GPT-3 Small: 6e-4, 2^19 tokens. 10B tokens: build-nanogpt's and llm.c's 124M runs pass GPT-2 124M's
-    # HellaSwag (cited); fast: README, "What a run costs" (our estimate).
+    # HellaSwag (cited); fast: README, "Where 8,000 steps comes from" (our estimate).
     "gpt2": dict(max_lr=6e-4, total_batch_size=2**19, warmup_steps=715, max_steps=19_073, fast_steps=8_000,
                  micro_batch_size=64),
     # GPT-3 Medium (350M) and llm.c's 350M: 3e-4, 2^19 (cited). 31.5B tokens: llm.c's 350M run (cited);
@@ -1786,11 +1786,10 @@ PRESETS = {
     # 4.2B tokens). The same GPT-2 (it exports to Hugging Face like any other); the evidence for each
     # number is in README.md, "What a run costs".
     "fast": dict(FAST_RECIPE, warmup_steps=250),
-    # A quick start: a small GPT on Tiny Shakespeare, about 5 minutes on a 2-core CPU, trained with the
+    # A quick start: a small GPT on Tiny Shakespeare, 5-13 minutes on a 2-core CPU, trained with the
     # fast recipe: val loss ~5.0 in 150 steps, where AdamW with a cosine schedule (the preset's recipe
-    # until 2026-11) ends near 5.86 and writes word salad (README, the quick start).
+    # until 2026-11) ends at 5.88 and writes word salad (README, the quick start).
     "shakespeare": dict(
-        FAST_RECIPE,
         data_dir="tinyshakespeare_tokens",
         val_tokens=16_384,
         block_size=128,
@@ -1799,6 +1798,7 @@ PRESETS = {
         n_embd=128,
         total_batch_size=4096,
         micro_batch_size=32,
+        **FAST_RECIPE,
         warmup_steps=20,
         max_steps=150,
         eval_interval=25,
@@ -2025,7 +2025,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 class MemoryEstimate:
     """What a process holds while it trains, in bytes: a model of what PyTorch keeps, calibrated against
     the measured peak on a CPU (tests/test_sizes.py holds it within 25% at two shapes) and on an H200
-    (README, "Sizes": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
+    (README, "Every GPT-2 size": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
     weights: float
     gradients: float
     optimizer: float

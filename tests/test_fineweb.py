@@ -6,6 +6,7 @@ tiktoken's encode_ordinary of its text, all concatenated, val shard first.
 
 import json
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -123,14 +124,29 @@ def test_importing_fineweb_does_no_work_and_no_datasets():
 
 
 def stop_when(args, shard_file, sig):
-    """Start `python fineweb.py args`, send it `sig` as soon as `shard_file` exists; return (code, stderr)."""
-    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, text=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not shard_file.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    process.send_signal(sig)
-    _, stderr = process.communicate()
+    """Start `python fineweb.py args`, send it `sig` as soon as `shard_file` exists; return (code, stderr).
+
+    The whole run takes ~2 s: on a loaded machine it may finish before the signal lands. Then the shard
+    folder is put back as it was and the run tried again (three times at most), so that the test sees
+    a run stopped mid-way, never a race lost."""
+    out_dir = shard_file.parent
+    saved = out_dir.with_name(out_dir.name + "_before")
+    shutil.rmtree(saved, ignore_errors=True)
+    if out_dir.exists():
+        shutil.copytree(out_dir, saved)
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, text=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while not shard_file.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        process.send_signal(sig)
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            break
+        shutil.rmtree(out_dir)  # it finished first: start over from the same state
+        if saved.exists():
+            shutil.copytree(saved, out_dir)
     return subprocess.CompletedProcess(args, process.returncode, "", stderr)
 
 
