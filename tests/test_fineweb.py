@@ -123,6 +123,14 @@ def test_importing_fineweb_does_no_work_and_no_datasets():
 # Interrupted runs
 
 
+def as_from_a_shell():
+    """In the child, before exec: Ctrl-C and SIGTERM as a shell leaves them (default, not blocked). A
+    process inherits an ignored or blocked signal, and a test worker may have one from an earlier test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def stop_when(args, shard_file, sig):
     """Start `python fineweb.py args`, send it `sig` as soon as `shard_file` exists; return (code, stderr).
 
@@ -136,7 +144,7 @@ def stop_when(args, shard_file, sig):
         shutil.copytree(out_dir, saved)
     for _ in range(3):
         process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, text=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=as_from_a_shell)
         deadline = time.time() + 60
         while not shard_file.exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.002)
