@@ -225,13 +225,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
 
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
-        """idx: (B, T) token ids. Returns (logits, loss).
-
-        Without targets: logits (B, T, vocab_size), loss None. With targets (B, T): logits None and the
-        mean cross-entropy. Both cover the real vocab only, so padded rows can never be sampled, scored
-        or given probability. last_only: logits of the last position only (B, 1, vocab_size), all that
-        sampling needs. kv_cache: see section 10.
-        """
+        """idx: (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (B, T): (None, the mean
+        cross-entropy). Both cover the real vocab only: padded rows are never sampled, scored or given
+        probability. last_only: the last position's logits only, all that sampling needs."""
         B, T = idx.size()
         if kv_cache is None:
             if T > self.config.block_size:
@@ -289,21 +285,10 @@ class GPT(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
-        hf_config = GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            activation_function="gelu_new",  # HF's name for GELU(tanh)
-            resid_pdrop=0.0,  # we train without dropout
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            layer_norm_epsilon=1e-5,
-            bos_token_id=EOT_TOKEN,
-            eos_token_id=EOT_TOKEN,
-            tie_word_embeddings=True,
-        )
+        hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                               n_head=c.n_head, activation_function="gelu_new",  # HF's name for GELU(tanh)
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout
+                               layer_norm_epsilon=1e-5, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True)
         hf_model = GPT2LMHeadModel(hf_config)
         hf_state = {}
         for key, value in self.state_dict().items():
@@ -343,31 +328,16 @@ class GPT(nn.Module):
     # both give the same tokens.
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        stop_at_eot: bool = False,
-        use_kv_cache: bool = True,
-        compile_step: bool = False,
-        progress: bool = False,
-    ):
+    def generate(self, idx, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 stop_at_eot=False, use_kv_cache=True, compile_step=False, progress=False):
         """idx: (B, T) prompt tokens, the same length in every row. Returns (B, T + n), n <= max_new_tokens.
-
-        temperature 0 is greedy decoding. With stop_at_eot, a row that produced <|endoftext|> is padded
-        with it, and generation ends once every row has. Each token is predicted from the last
-        block_size tokens at most: a longer context is cropped, as in nanoGPT. compile_step: see
-        section 10.
-        """
+        temperature 0 is greedy. stop_at_eot: a row that produced <|endoftext|> is padded with it, and
+        generation ends once every row has. A context longer than block_size is cropped, as in nanoGPT."""
         B, T = idx.shape
         block_size = self.config.block_size
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # all written in place
         tokens[:, :T] = idx
-        decoder = self.kv_decoder(B, idx.device) if use_kv_cache else None  # section 10
+        decoder = kv_decoder(self, B, idx.device) if use_kv_cache else None  # section 10
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         n = T  # tokens so far
         prompt = idx[:, -block_size:]  # the prompt in one pass
@@ -389,16 +359,6 @@ class GPT(nn.Module):
                 # token of the cropped window moves to a new position, so its keys and values change.)
                 logits, _ = self(tokens[:, max(0, n - block_size) : n], last_only=True)
         return tokens[:, :n]
-
-    def kv_decoder(self, batch_size: int, device) -> "KVDecoder":
-        """A KV cache and the decode step that fills it (section 10), in the dtype the model computes in
-        (autocast's if it is on); the last one is reused for the same batch size."""
-        device_type = torch.device(device).type
-        autocast = torch.is_autocast_enabled(device_type)
-        key = (batch_size, torch.device(device), torch.get_autocast_dtype(device_type) if autocast else self.lm_head.weight.dtype)
-        if getattr(self, "_decoder", None) is None or self._decoder.key != key:
-            self._decoder = KVDecoder(self, *key)
-        return self._decoder
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -460,27 +420,6 @@ def find_shards(data_dir, split: str) -> list[Path]:
     return shards
 
 
-def open_shard(path: Path):
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":  # every .npy file starts with these bytes
-        raise UserError(f"{path} is {'empty' if not magic else 'not a .npy file'}: make the shards again with fineweb.py")
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: nothing is read until used
-    except (OSError, ValueError, EOFError) as e:  # a header that promises more than the file holds
-        raise UserError(f"{path} is truncated or damaged ({e}): make the shards again with fineweb.py") from e
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"{path} is not a shard of GPT-2 tokens (expected 1-D uint16, got {tokens.ndim}-D {tokens.dtype})")
-    return tokens
-
-
-def check_tokens(tokens: np.ndarray, path: Path, vocab_size: int) -> None:
-    if len(tokens) and (top := int(tokens.max())) >= vocab_size:
-        split = "val" if "_val_" in Path(path).name else "train"
-        raise UserError(f"token id {top} in {split} shard {path} is >= the model's vocab_size {vocab_size}: were "
-                        "these shards made with another tokenizer?")
-
-
 def to_device(window: np.ndarray, B: int, T: int, device: str):
     """(B*T+1,) uint16 tokens -> inputs x and targets y, each (B, T) int64 on the device."""
     buf = torch.from_numpy(window.astype(np.int64))
@@ -497,22 +436,12 @@ class TrainLoader:
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.seed, self.vocab_size, self.device = seed, vocab_size, device
         paths = find_shards(data_dir, "train")
-        self.data_dir, self.shards = data_dir, [open_shard(p) for p in paths]
-        for path, shard in zip(progress_bar(paths, rank == 0, "checking the train shards"), self.shards):  # now, not at step 88
-            check_tokens(shard, path, vocab_size)
+        self.data_dir, self.shards = data_dir, [open_shard(p) for p in paths]  # memory-mapped and checked (section 15)
         self.shard_list = [[p.name, len(s)] for p, s in zip(paths, self.shards)]  # what a resume must find again
-        window = B * T
         # Full windows per shard: the last window needs one more token for its final target.
-        self.windows_per_shard = [(len(s) - 1) // window for s in self.shards]
+        self.windows_per_shard = [(len(s) - 1) // (B * T) for s in self.shards]
         self.windows_per_epoch = sum(self.windows_per_shard)
-        too_small = [p.name for p, n in zip(paths, self.windows_per_shard) if n == 0]
-        if too_small and rank == 0:
-            print(f"note: skipping train shards shorter than one batch ({window + 1:,} tokens): {', '.join(too_small)}")
-        if self.windows_per_epoch == 0:
-            raise UserError(
-                f"the train shards in {data_dir}/ hold {sum(len(s) for s in self.shards):,} tokens, fewer than one "
-                f"batch (B*T+1 = {window + 1:,}): lower --micro_batch_size or --block_size, or make bigger shards"
-            )
+        check_train_shards(self, paths)  # their token ids, now rather than at step 88; at least one window
         self.windows_taken = 0  # by all ranks together; this rank's next window is windows_taken + rank
         self._orders = {}  # epoch -> its order, for the (at most two) epochs in use
 
@@ -546,19 +475,8 @@ class TrainLoader:
                     shards=self.shard_list)
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["B"], state["T"], state["seed"]) != (self.B, self.T, self.seed):
-            raise UserError(
-                f"the checkpoint's data loader used B={state['B']}, T={state['T']}, seed={state['seed']}; "
-                f"this run uses B={self.B}, T={self.T}, seed={self.seed}: resume with the same settings"
-            )
-        saved = state.get("shards")
-        if saved is not None and [list(s) for s in saved] != self.shard_list:
-            raise UserError(
-                f"the train shards in {self.data_dir}/ are not those of the saved run ({len(saved)} shards, "
-                f"{sum(n for _, n in saved):,} tokens then; {len(self.shard_list)} shards, "
-                f"{sum(n for _, n in self.shard_list):,} tokens now): resume with the run's own --data_dir"
-            )
-        if saved is None:  # a checkpoint of an earlier version counted windows within its epoch
+        check_loader_state(self, state)  # the same batches and shards, or one line saying what differs (section 15)
+        if state.get("shards") is None:  # a checkpoint of an earlier version counted windows within its epoch
             self.windows_taken = state["epoch"] * self.windows_per_epoch + state["windows_taken"]
         else:
             self.windows_taken = state["windows_taken"]
@@ -577,13 +495,8 @@ class ValLoader:
         paths = find_shards(data_dir, "val")
         self.shards = [open_shard(p) for p in paths]
         starts = [(i, s * T) for i, shard in enumerate(self.shards) for s in range((len(shard) - 1) // T)]
-        if not starts:
-            raise UserError(f"the val shards in {data_dir}/ hold fewer than block_size+1 = {T + 1} tokens")
         self.num_sequences = min(len(starts), max(1, val_tokens // T))
-        for i, shard in enumerate(self.shards):  # the part of each shard in use
-            used = [a for s, a in starts[: self.num_sequences] if s == i]
-            if used:
-                check_tokens(shard[: max(used) + T + 1], paths[i], vocab_size)
+        check_val_shards(self, paths, starts[: self.num_sequences], data_dir, vocab_size)  # section 15
         self.total_tokens = self.num_sequences * T  # evaluated by all ranks together
         self.starts = starts[rank : self.num_sequences : world_size]  # this rank's sequences
         # The most batches any rank runs: a sharded model's forward is a collective, so that every rank
@@ -744,12 +657,9 @@ def configure_optimizers(model: GPT, config: TrainConfig, device_type: str) -> l
 
 def lr_schedule(step: int, config: TrainConfig) -> float:
     """How far up every peak learning rate is at this step, 0..1: a linear warmup over warmup_steps, then
-
-    cosine (GPT-3's schedule, the default): a cosine down to min_lr_ratio at max_steps;
-    wsd (warmup-stable-decay): constant, then a linear decay to min_lr_ratio over the last decay_frac of
-        the steps. A checkpoint from the constant phase can be trained longer (a larger --max_steps on
-        --resume) or cooled down early with a short decay, without starting over.
-    """
+    cosine (GPT-3's schedule, the default): a cosine down to min_lr_ratio at max_steps; or wsd (warmup-
+    stable-decay): constant, then a linear decay over the last decay_frac of the steps. A checkpoint from
+    the constant phase can be trained longer (a larger --max_steps on --resume) without starting over."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if step >= config.max_steps:
@@ -772,9 +682,8 @@ def set_lr(optimizers, factor: float) -> None:
 # ---------------------------------------------------------------------------------------------------
 # 8. Evaluation: the val loss
 #
-# The val loss says how well the model predicts text it never trained on: the same fixed sequences at
-# every evaluation, whatever the number of GPUs. HellaSwag, the benchmark that says whether the model
-# picks the sensible ending of a story, is section 13.
+# How well the model predicts text it never trained on: the same sequences at every evaluation, whatever
+# the number of GPUs. (HellaSwag, does the model pick the sensible ending of a story: section 13.)
 
 
 @torch.no_grad()
@@ -805,10 +714,9 @@ def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progres
 
 
 def setup_distributed(requested_device: str, shard: bool = False):
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train_gpt2.py` is one process, and
-    so is torchrun with one (without DDP, whose wrapper would only cut the compiled graph at its
-    gradient buckets; --shard's FSDP2 needs a process group even of one). Returns (ddp, rank, local_rank,
-    world_size, device); ddp means "several processes, or a process group"."""
+    """(ddp, rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one
+    process runs without DDP (its wrapper would only cut the compiled graph at its gradient buckets),
+    unless --shard's FSDP2 needs a process group even of one."""
     device = pick_device(requested_device)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not (shard and "RANK" in os.environ):
         return False, 0, 0, 1, device
@@ -842,11 +750,9 @@ def mixed_precision(device: str, dtype: torch.dtype):
 
 
 def compile_model(model: GPT, backend="inductor"):
-    """(training entry, evaluation entry) of the model, compiled; both share its parameters. Training
-    compiles one graph of fixed shapes (dynamic=False). Evaluation meets other shapes (a partial last
-    val batch, HellaSwag's lengths), so it has an entry of its own, which may compile them dynamically
-    without ever turning the training graph dynamic. Sampling runs the plain module, whose sequence
-    length changes every token, with a compiled decode step of its own (section 10)."""
+    """(training entry, evaluation entry), compiled, sharing the parameters. Training compiles one graph
+    of fixed shapes; evaluation meets others (a partial val batch, HellaSwag's lengths) in an entry of its
+    own, so that the training graph never turns dynamic. Sampling compiles its own step (section 10)."""
     return torch.compile(model, dynamic=False, backend=backend), torch.compile(model, backend=backend)
 
 
@@ -895,10 +801,9 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
 
 def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: GPT | None = None, master: bool = True,
                   compile_step: bool = False) -> tuple[list[str], GPT]:
-    """config.num_samples continuations of config.sample_prompt (top-k 50, a seed of their own, so that
-    the training RNG stays untouched), as texts, and the copy of the model that wrote them, its weights
-    in `dtype` (decoding_copy, section 10): pass it back next time. Rank 0 samples; the others only help
-    gather a sharded model's weights (section 17), and get no texts."""
+    """config.num_samples continuations of config.sample_prompt (top-k 50, a seed of their own: the training
+    RNG stays untouched), and the copy of the model in `dtype` that wrote them (section 10), to pass back
+    next time. Rank 0 samples; the others only help gather a sharded model's weights (section 17)."""
     state = gathered(model.state_dict(), keep=master) if is_sharded(model) else None
     if not master:
         return [], sampler
@@ -906,31 +811,21 @@ def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: 
     device = model.lm_head.weight.device
     prompt = torch.tensor([encode_prompt(config.sample_prompt)] * config.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(42)
-    samples = sampler.generate(prompt, config.sample_tokens, top_k=50, generator=generator, compile_step=compile_step,
-                               progress=True)
+    samples = sampler.generate(prompt, config.sample_tokens, top_k=50, generator=generator, compile_step=compile_step, progress=True)
     return [get_tokenizer().decode(row) for row in samples.tolist()], sampler
 
 
 def checkpoint_state(step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig, val_loss, scaler,
                      rng: dict, master: bool = True) -> dict:
-    """Everything needed to continue as if never stopped: weights, optimizer moments, the step, the
-    loader's position and every random state (plumbing.py writes it atomically, keeps the newest few,
-    and reads it back with weights_only=True). A sharded model's are gathered whole (section 17): every
-    rank calls this, rank 0 gets the tensors."""
+    """Everything needed to continue as if never stopped: weights, optimizer moments, the step, the loader's
+    position and every random state (plumbing.py writes it atomically and keeps the newest few). A sharded
+    model's are gathered whole (section 17): every rank calls this, rank 0 gets the tensors."""
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    return dict(
-        model=gathered(trained if model.lora else model.state_dict(), master),
-        lora=model.lora,
-        model_config=asdict(model.config),
-        optimizers=[gathered(optimizer.state_dict(), master) for optimizer in optimizers],
-        scaler=scaler.state_dict() if scaler.is_enabled() else None,
-        step=step,  # optimizer steps completed
-        loader=loader.state_dict(),
-        rng=rng,
-        config=asdict(config),
-        val_loss=val_loss,
-    )
+    return dict(model=gathered(trained if model.lora else model.state_dict(), master), lora=model.lora,
+                model_config=asdict(model.config), optimizers=[gathered(opt.state_dict(), master) for opt in optimizers],
+                scaler=scaler.state_dict() if scaler.is_enabled() else None, step=step,  # optimizer steps completed
+                loader=loader.state_dict(), rng=rng, config=asdict(config), val_loss=val_loss)
 
 
 def restore_checkpoint(checkpoint: dict, optimizers, scaler, loader: TrainLoader, device: str, rank: int):
@@ -971,33 +866,18 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
             )
         grad_accum_steps = config.total_batch_size // tokens_per_micro_step
 
-        if config.shard and not ddp:
-            raise UserError("--shard splits the model across processes that torchrun starts: torchrun --nproc_per_node=N "
-                            "train_gpt2.py ... (N GPUs; with one, FSDP2 runs but saves nothing)")
-
         # The data (checked before a model is built), the model, the optimizers; on --resume, as the
         # checkpoint left them.
-        if config.data_dir == PRESETS["shakespeare"]["data_dir"] and not list(Path(config.data_dir).glob("*_train_*.npy")):
-            if master:
-                prepare_quick_start_data(config.data_dir)
-            if ddp:
-                dist.barrier()
+        prepare_quick_start_data(config, master, ddp)  # --preset shakespeare tokenizes its corpus (section 15)
         train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, device=device)
         val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device)
         dtype = pick_dtype(config.dtype, device)
         autocast, scaler = mixed_precision(device, dtype)
         torch.manual_seed(config.seed)
         model = build_model(config, checkpoint, run.resume_from).to(device)  # new, pretrained or resumed (section 14)
-        if T > model.config.block_size:
-            raise UserError(f"--block_size {T} is larger than the model's block_size {model.config.block_size}")
         if shape:  # a pretrained model's shape is its own: the run's settings record it, not the flags' defaults
-            config = run.config = dataclasses.replace(config, n_layer=model.config.n_layer, n_head=model.config.n_head,
-                                                      n_embd=model.config.n_embd)
-        if config.loss == "chunked" or (config.loss == "auto" and device_type == "cpu" and hasattr(F, "linear_cross_entropy")):
-            model.loss_chunk_rows = LOSS_CHUNK_ROWS  # the memory-saving loss (section 11)
-        model.checkpoint_activations = config.activation_checkpointing  # section 17
-        if config.shard:  # FSDP2 (section 17): each rank keeps 1/world_size of the weights and their training state
-            shard_model(model, dtype)
+            config = run.config = dataclasses.replace(config, **{k: getattr(model.config, k) for k in shape[1:]})
+        use_memory_options(model, config, dtype, device_type)  # the chunked loss, sharding, ... (sections 11, 17)
         optimizers = configure_optimizers(model, config, device_type)
         run.on_out_of_memory = lambda: out_of_memory_advice(model, config, world_size, dtype, device)
         start_step, val_loss, acc_norm = 0, None, None
@@ -1010,14 +890,10 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
         compiled, evaluator = compile_model(model) if use_compile else (model, model)
         train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp and not config.shard else compiled
-        hellaswag_examples = None
-        if config.hellaswag and config.eval_interval:
-            hellaswag_examples, hellaswag_path = hellaswag_for_training(config, master, ddp)
         run.say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps, train_loader, val_loader))
-        if hellaswag_examples is not None:
-            run.say(f"HellaSwag: {len(hellaswag_examples):,} examples from {hellaswag_path}, split across {world_size} rank(s)")
+        hellaswag_examples = hellaswag_for_training(config, master, ddp, world_size, run.say)  # None: not evaluated
         run.start(start_step)  # every setting, the data and the model are good: the log starts (--overwrite: anew)
-        if model.lora and checkpoint is None and model.lora["base"] == LORA_BASE_FILE:
+        if model.lora and start_step == 0 and model.lora["base"] == LORA_BASE_FILE:
             save_lora_base(model, run.log_dir, master)  # the weights a LoRA run adapts, kept in its folder (section 12)
         peak_flops = config.peak_flops or peak_flops_for(device, dtype)
         flops_per_step = flops_per_token(model, T) * config.total_batch_size
@@ -1151,7 +1027,7 @@ class KVCache:
 
 class KVDecoder:
     """Sampling with a KV cache, for one batch size: the prompt in one pass, then one token a step,
-    eager or compiled. GPT.kv_decoder keeps the last one, so that the next generate() of the same batch
+    eager or compiled. kv_decoder() keeps the last one, so that the next generate() of the same batch
     size replays the compiled step (and its CUDA graph) instead of capturing it again."""
 
     def __init__(self, model: GPT, batch_size: int, device, dtype):
@@ -1177,6 +1053,17 @@ class KVDecoder:
 
     def eager_step(self, token):
         return self.model(token, kv_cache=self.cache, last_only=True)[0]
+
+
+def kv_decoder(model: GPT, batch_size: int, device) -> KVDecoder:
+    """The model's KV cache and decode step, in the dtype it computes in (autocast's if it is on); the
+    last one is kept on the model and reused for the same batch size."""
+    device_type = torch.device(device).type
+    autocast = torch.is_autocast_enabled(device_type)
+    key = (batch_size, torch.device(device), torch.get_autocast_dtype(device_type) if autocast else model.lm_head.weight.dtype)
+    if getattr(model, "_decoder", None) is None or model._decoder.key != key:
+        model._decoder = KVDecoder(model, *key)
+    return model._decoder
 
 
 def decoding_copy(model: GPT, dtype: torch.dtype, previous: GPT | None = None, state: dict | None = None) -> GPT:
@@ -1506,15 +1393,19 @@ def hellaswag_counts_all_ranks(model, examples, device, rank=0, world_size=1, **
     return counts
 
 
-def hellaswag_for_training(config, master: bool, ddp: bool) -> tuple[list, Path]:
-    """The examples the training loop scores, and their file. Rank 0 downloads the val set if it must
-    (now, not at step 250) while the others wait; then every rank reads it."""
+def hellaswag_for_training(config, master: bool, ddp: bool, world_size: int, say) -> list | None:
+    """The examples the training loop scores (None if it scores none). Rank 0 downloads the val set if
+    it must (now, not at step 250) while the others wait; then every rank reads it."""
+    if not (config.hellaswag and config.eval_interval):
+        return None
     if master:
         find_hellaswag_data(config.hellaswag_data or None)
     if ddp:
         dist.barrier()
     path = find_hellaswag_data(config.hellaswag_data or None)
-    return load_hellaswag(path, config.hellaswag_limit or None), path
+    examples = load_hellaswag(path, config.hellaswag_limit or None)
+    say(f"HellaSwag: {len(examples):,} examples from {path}, split across {world_size} rank(s)")
+    return examples
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1723,6 +1614,8 @@ def build_model(config: TrainConfig, checkpoint: dict | None, resumed_from: Path
     # A run folder means its newest checkpoint *now*: a LoRA run records that file, not the folder.
     reference = resolve_reference(config.init_from)
     model = load_pretrained(reference, config.vocab_pad_multiple)
+    if config.block_size > model.config.block_size:
+        raise UserError(f"--block_size {config.block_size} is larger than the model's block_size {model.config.block_size}")
     if config.lora_rank:
         # A local base is kept as a copy in the run folder (save_lora_base), so that the fine-tune stays
         # usable whatever becomes of the original; a GPT-2 name is downloaded again when needed.
@@ -1811,14 +1704,20 @@ PRESETS = {
 }
 
 
-def prepare_quick_start_data(data_dir: str) -> None:
+def prepare_quick_start_data(config: TrainConfig, master: bool, ddp: bool) -> None:
     """The quick start's corpus, Tiny Shakespeare (vendored), is small enough to tokenize on the spot:
-    run `python fineweb.py --source shakespeare` for the user, and show its summary line."""
-    command = [sys.executable, str(Path(__file__).with_name("fineweb.py")), "--source", "shakespeare", "--out_dir", data_dir]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    print(result.stdout.splitlines()[0])  # "tinyshakespeare_tokens: 2 shards, 338,026 tokens, ..."
+    rank 0 runs `python fineweb.py --source shakespeare` for the user (and shows its summary line)."""
+    data_dir = config.data_dir
+    if data_dir != PRESETS["shakespeare"]["data_dir"] or list(Path(data_dir).glob("*_train_*.npy")):
+        return
+    if master:
+        command = [sys.executable, str(Path(__file__).with_name("fineweb.py")), "--source", "shakespeare", "--out_dir", data_dir]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        print(result.stdout.splitlines()[0])  # "tinyshakespeare_tokens: 2 shards, 338,026 tokens, ..."
+    if ddp:
+        dist.barrier()
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -1856,6 +1755,9 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
         raise UserError("--shard runs in bfloat16 or float32: float16's gradient scaler does not work with sharding here")
     if config.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
         raise UserError(f"--loss chunked needs torch 2.13 or newer (F.linear_cross_entropy); this is torch {torch.__version__}")
+    if config.shard and "RANK" not in os.environ:
+        raise UserError("--shard splits the model across processes that torchrun starts: torchrun --nproc_per_node=N "
+                        "train_gpt2.py ... (N GPUs; with one, FSDP2 runs but saves nothing)")
     if config.resume and config.overwrite:
         raise UserError("--resume continues the run in --log_dir and --overwrite deletes it: give one of them")
     if len(set(split_list(config.lora_targets))) < len(split_list(config.lora_targets)):
@@ -1868,6 +1770,68 @@ def check_config(config: TrainConfig, explicit=frozenset()) -> None:
     if config.sample_interval and len(encode_prompt(config.sample_prompt)) >= config.block_size:
         raise UserError(f"--sample_prompt is {len(encode_prompt(config.sample_prompt))} tokens: it must be "
                         f"shorter than --block_size {config.block_size}")
+
+
+def open_shard(path: Path):
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":  # every .npy file starts with these bytes
+        raise UserError(f"{path} is {'empty' if not magic else 'not a .npy file'}: make the shards again with fineweb.py")
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: nothing is read until used
+    except (OSError, ValueError, EOFError) as e:  # a header that promises more than the file holds
+        raise UserError(f"{path} is truncated or damaged ({e}): make the shards again with fineweb.py") from e
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(f"{path} is not a shard of GPT-2 tokens (expected 1-D uint16, got {tokens.ndim}-D {tokens.dtype})")
+    return tokens
+
+
+def check_tokens(tokens: np.ndarray, path: Path, vocab_size: int) -> None:
+    if len(tokens) and (top := int(tokens.max())) >= vocab_size:
+        split = "val" if "_val_" in Path(path).name else "train"
+        raise UserError(f"token id {top} in {split} shard {path} is >= the model's vocab_size {vocab_size}: were "
+                        "these shards made with another tokenizer?")
+
+
+def check_train_shards(loader, paths: list[Path]) -> None:
+    """Token ids the model has, and at least one window of B*T+1 tokens (shorter shards are skipped)."""
+    master, window = loader.rank == 0, loader.B * loader.T
+    for path, shard in zip(progress_bar(paths, master, "checking the train shards"), loader.shards):
+        check_tokens(shard, path, loader.vocab_size)
+    too_small = [p.name for p, n in zip(paths, loader.windows_per_shard) if n == 0]
+    if too_small and master:
+        print(f"note: skipping train shards shorter than one batch ({window + 1:,} tokens): {', '.join(too_small)}")
+    if loader.windows_per_epoch == 0:
+        raise UserError(
+            f"the train shards in {loader.data_dir}/ hold {sum(len(s) for s in loader.shards):,} tokens, fewer than one "
+            f"batch (B*T+1 = {window + 1:,}): lower --micro_batch_size or --block_size, or make bigger shards"
+        )
+
+
+def check_val_shards(loader, paths: list[Path], starts: list, data_dir, vocab_size: int) -> None:
+    """At least one sequence, and token ids the model has in the part of each shard in use."""
+    if not starts:
+        raise UserError(f"the val shards in {data_dir}/ hold fewer than block_size+1 = {loader.T + 1} tokens")
+    for i, shard in enumerate(loader.shards):
+        used = [a for s, a in starts if s == i]
+        if used:
+            check_tokens(shard[: max(used) + loader.T + 1], paths[i], vocab_size)
+
+
+def check_loader_state(loader, state: dict) -> None:
+    """A resumed loader must cut the same windows from the same shards."""
+    if (state["B"], state["T"], state["seed"]) != (loader.B, loader.T, loader.seed):
+        raise UserError(
+            f"the checkpoint's data loader used B={state['B']}, T={state['T']}, seed={state['seed']}; "
+            f"this run uses B={loader.B}, T={loader.T}, seed={loader.seed}: resume with the same settings"
+        )
+    saved = state.get("shards")
+    if saved is not None and [list(s) for s in saved] != loader.shard_list:
+        raise UserError(
+            f"the train shards in {loader.data_dir}/ are not those of the saved run ({len(saved)} shards, "
+            f"{sum(n for _, n in saved):,} tokens then; {len(loader.shard_list)} shards, "
+            f"{sum(n for _, n in loader.shard_list):,} tokens now): resume with the run's own --data_dir"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1972,6 +1936,16 @@ def run_summary(config: TrainConfig, model: GPT, step: int, steps_done: int, sec
 # --resume continues it sharded or not, on any number of GPUs. (torch.distributed.checkpoint writes
 # each rank's shards in parallel instead: faster for models far beyond GPT-2's sizes, but every reader
 # of a checkpoint would need a conversion first.)
+
+
+def use_memory_options(model: GPT, config: TrainConfig, dtype: torch.dtype, device_type: str) -> None:
+    """The options that trade speed or simplicity for memory, as the settings ask: the chunked loss
+    (section 11; by default on CPUs, where it is faster too), activation checkpointing, sharding."""
+    if config.loss == "chunked" or (config.loss == "auto" and device_type == "cpu" and hasattr(F, "linear_cross_entropy")):
+        model.loss_chunk_rows = LOSS_CHUNK_ROWS
+    model.checkpoint_activations = config.activation_checkpointing
+    if config.shard:  # each rank keeps 1/world_size of the weights and their training state
+        shard_model(model, dtype)
 
 
 def shard_model(model: GPT, dtype: torch.dtype) -> None:

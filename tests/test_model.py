@@ -329,7 +329,7 @@ def test_compiled_decode_step_writes_the_cache_in_place():
     model = tiny_model(block_size=128, n_layer=2)
     B, prompt = 4, torch.randint(0, 50257, (4, 5))
     with torch.no_grad():
-        decoder = model.kv_decoder(B, prompt.device)
+        decoder = t.kv_decoder(model, B, prompt.device)
         decoder.prefill(prompt, fixed_shapes=True)
         logits, code = run_and_get_code(lambda: decoder.step(prompt[:, :1], compiled=True))
     assert logits.shape == (B, 1, 50257)
