@@ -14,7 +14,6 @@ with a ratio measured in the same run. Training figures are the median of --step
 
 import argparse
 import gc
-import json
 import statistics
 import time
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from plumbing import ArgumentParser, UserError, check_writable, peak_flops_for, pick_device, run_main
+from plumbing import ArgumentParser, UserError, check_writable, peak_flops_for, pick_device, run_main, write_json_atomically
 from train_gpt2 import (GPT, LOSS_CHUNK_ROWS, GPTConfig, TrainConfig, chunked_cross_entropy, configure_optimizers,
                         find_hellaswag_data, flops_per_token, hellaswag_counts, load_hellaswag, mixed_precision, pick_dtype,
                         train_step)
@@ -363,10 +362,9 @@ def main(argv=None):
             row["ratio"] = row["on"] / row["off"]
             print(f"| {row['name']:<56} | {row['unit']:<6} | {row['on']:>10,.2f} | {row['off']:>10,.2f} | {row['ratio']:>7.2f}x |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), compile=args.compile,
-                           model=args.model, batch_size=args.batch_size, block_size=args.block_size, rows=rows,
-                           optimisations=effects), f, indent=2)
+        write_json_atomically(args.json, dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), compile=args.compile,
+                                              model=args.model, batch_size=args.batch_size, block_size=args.block_size,
+                                              rows=rows, optimisations=effects))
 
 
 if __name__ == "__main__":

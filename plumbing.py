@@ -7,7 +7,7 @@ imports no file of the project: the scripts import it, never the other way round
   3. checkpoint files: written atomically and durably, rotated, the newest readable one found again
   4. a run folder: one run at a time, --resume / --overwrite, a stop request, skipped non-finite
      steps, the log (log.txt and TensorBoard behind one object)
-  5. time and speed: ETA, durations, MFU
+  5. time, speed and memory: ETA, durations, MFU, what a run will hold
 """
 
 import argparse
@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -170,35 +170,38 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def check_writable(path, flag: str) -> None:
-    """Fail now, not after an hour of work, if a result cannot be written to `path`."""
+    """Fail now, not after an hour of work, if a result cannot be written to the file `path` (its folder
+    is checked as check_writable_folder checks one; nothing is created)."""
     if Path(path).expanduser().is_dir():
         raise UserError(f"{flag} {path} is a folder: give a file name")
-    folder = Path(path).expanduser().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from e
+    if problem := unwritable(Path(path).expanduser().parent):
+        raise UserError(f"{flag} {path}: {problem}")
 
 
 def check_writable_folder(path, flag: str) -> None:
-    """Fail now, not after an hour of work, if results cannot be written into the folder `path`: the
-    folder, or if it does not exist yet, the nearest folder above it, where it would be made. Nothing is
-    created: a run that fails later for another reason leaves no empty folder behind."""
+    """Fail now, not after an hour of work, if results cannot be written into the folder `path`."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file, not a folder: give a folder")
-    existing = path.absolute()
+    if problem := unwritable(path):
+        raise UserError(f"{flag} {path}: {problem}")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why nothing can be written into `folder` (or, if it does not exist yet, into the nearest folder
+    above it, where it would be made), or None. Nothing is created: a run that fails later for another
+    reason leaves no empty folder behind."""
+    existing = folder.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder: give another path")
+        return f"{existing} is a file, not a folder: give another path"
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror} in {existing})") from e
+        return f"cannot write there ({e.strerror} in {existing})"
+    return None
 
 
 def utf8_lines(path):
@@ -241,6 +244,25 @@ def download(url: str, dest: Path) -> None:
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+
+
+def find_data_file(what: str, given: str | None, env_var: str, url: str, cache_path: Path) -> Path:
+    """A data file: the one given (--data), else the one $env_var names, else a download kept at
+    cache_path (fetched on first use). Each is refused in one line if it is missing."""
+    for source, value in (("--data", given), (f"${env_var}", os.environ.get(env_var))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                problem = f"is a folder: give the {cache_path.name} file" if path.is_dir() else "does not exist"
+                raise UserError(f"{what} data file {path} (from {source}) {problem}")
+            return path
+    if not cache_path.is_file():
+        try:
+            download(url, cache_path)
+        except OSError as e:  # no network, DNS failure, HTTP error (URLError and HTTPError are OSErrors)
+            raise UserError(f"could not download {what} from {url} ({e}); without internet, pass "
+                            f"--data path/to/{cache_path.name} or set {env_var}") from e
+    return cache_path
 
 
 @contextlib.contextmanager
@@ -313,6 +335,17 @@ def newest_readable_checkpoint(run_dir, set_aside=False) -> tuple[Path | None, d
             if set_aside:
                 os.replace(path, path.with_name(path.name + ".unreadable"))
     return None, None
+
+
+def resolve_reference(reference: str) -> str:
+    """A run folder -> its newest readable checkpoint file; anything else as it is."""
+    path = Path(reference)
+    if path.is_dir() and not (path / "config.json").exists():  # a run folder (an HF dir has config.json)
+        checkpoint, _ = newest_readable_checkpoint(path)
+        if checkpoint is None:
+            raise UserError(f"{reference} holds no readable {CHECKPOINT_GLOB} checkpoint and is not a Hugging Face directory")
+        return str(checkpoint)
+    return reference
 
 
 def fsync_dir(folder: Path) -> None:
@@ -394,6 +427,75 @@ def set_rng_states(states: dict, device: str, rank: int = 0) -> None:
     cuda = states.get("cuda") or []
     if device.startswith("cuda") and cuda:  # each rank its own; on more GPUs than were saved, the last one's
         torch.cuda.set_rng_state(cuda[min(rank, len(cuda) - 1)], device)
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict, source: str, padded=()) -> None:
+    """load_state_dict with one-line errors. The tensors named in `padded` may have fewer rows than the
+    model's (a vocabulary padded for speed): the rows beyond them are zeroed, the same way every time."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for key, value in state.items():
+            target = ours[key]
+            padded_rows = key in padded and value.size(0) < target.size(0)
+            if value.shape[1:] != target.shape[1:] or (value.shape[0] != target.shape[0] and not padded_rows):
+                raise UserError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, this model expects {tuple(target.shape)} "
+                    "(was it saved from a model of another size?)"
+                )
+            target[: value.size(0)].copy_(value)
+            target[value.size(0) :].zero_()  # padded rows (if any)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> float:
+    """A number that changes when any weight changes: tells a model from another (a LoRA run's base)."""
+    return sum(float(p.detach().double().sum()) for p in model.parameters())
+
+
+# A model sharded by FSDP2 holds each tensor as a DTensor of which a rank keeps a slice. Its checkpoint
+# file holds full tensors, gathered as it is saved, so that it is the same file as an unsharded run's;
+# on resume each tensor of the optimizer's state is cut to this rank's slice again.
+
+
+def is_sharded(model) -> bool:
+    """Whether fully_shard made this model (or the one torch.compile wraps) an FSDP2 module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def gathered(state, keep: bool):
+    """A (nested) state dict whose tensors may be shards, with full tensors instead: on the CPU where
+    keep (rank 0, which saves), dropped elsewhere. Every rank must call it: gathering is a collective."""
+    if isinstance(state, dict):
+        return {key: gathered(value, keep) for key, value in state.items()}
+    if isinstance(state, list):
+        return [gathered(value, keep) for value in state]
+    if hasattr(state, "full_tensor"):
+        full = state.full_tensor()
+        return full.cpu() if keep else None
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict of a full (unsharded) state. For a sharded model, each tensor the size of
+    its parameter (AdamW's moments, Muon's momentum) is first cut to this rank's shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(hasattr(p, "full_tensor") for p in params):
+        state = dict(state, state={
+            index: {key: distribute_tensor(value.to(params[index].device), params[index].device_mesh, params[index].placements)
+                    if torch.is_tensor(value) and value.shape == params[index].shape else value
+                    for key, value in param_state.items()}
+            for index, param_state in state["state"].items()})
+    optimizer.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -738,7 +840,7 @@ def read_log(path) -> dict[str, dict[int, float]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. Time and speed
+# 5. Time, speed and memory
 
 
 def format_duration(seconds: float) -> str:
@@ -774,6 +876,26 @@ def eta_seconds(step: int, config, seconds: dict) -> float:
             + events_left(step, n, config.eval_interval) * seconds["eval"]
             + events_left(step, n, config.sample_interval, first=1) * seconds["sample"]
             + events_left(step, n, config.checkpoint_interval, offset=1) * seconds["checkpoint"])
+
+
+@dataclass
+class MemoryEstimate:
+    """What a process holds while it trains, in bytes (settings.estimate_memory fills it in)."""
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float  # per micro-batch: what the backward pass needs, and the logits at their peak
+    available: float | None  # the memory of the device (a GPU's, or the machine's for a CPU); None if unknown
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+        return (f"~{gib(self.total)} GiB per process: weights {gib(self.weights)}, gradients {gib(self.gradients)}, "
+                f"optimizer {gib(self.optimizer)}, activations {gib(self.activations)} per micro-batch"
+                + (f" (of {gib(self.available)} GiB)" if self.available else ""))
 
 
 # Dense bf16/fp16 tensor-core peak FLOP/s from the datasheets. A GPU matches when every word of the key is

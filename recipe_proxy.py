@@ -52,7 +52,7 @@ import fineweb
 import plumbing
 import train_gpt2
 from plumbing import ArgumentParser, UserError, run_main
-from train_gpt2 import PRESETS
+from settings import PRESETS
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "fineweb_legal_sample.jsonl"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "gpt2_recipe_proxy"
@@ -488,7 +488,7 @@ def main(argv=None):
         print_comparison(summary, args)
     print(f"\n({plumbing.format_duration(time.time() - started)} in all)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), warmup_steps=warmup_steps(args), **summary), indent=1))
+        plumbing.write_json_atomically(args.json, dict(settings=vars(args), warmup_steps=warmup_steps(args), **summary))
         print(f"wrote {args.json}")
 
 

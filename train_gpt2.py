@@ -20,26 +20,23 @@ Part II, extensions: options beside the story, each in a section that says what 
  12. LoRA: fine-tuning a few parameters
  13. HellaSwag: scored in batches of a few fixed shapes
  14. loading any model: a GPT-2 name, a Hugging Face directory, a checkpoint or a run folder
- 15. presets and the checks on settings
- 16. what a run prints: its settings, resolved, and a summary at the end
- 17. bigger models: sharding (FSDP2), activation checkpointing, and the memory a GPU needs
+ 15. bigger models: sharding (FSDP2) and activation checkpointing
 
-The run plumbing that knows nothing of GPT-2 (one-line errors, checkpoint files written atomically, the
-run-folder lock, the stop request, log.txt and TensorBoard) lives in plumbing.py.
+Apart from the story: settings.py holds the presets, each GPT-2 size's recipe, the checks on settings and
+inputs, the memory a run needs and what a run prints; plumbing.py, the run plumbing that knows nothing of
+GPT-2 (one-line errors, checkpoint files written atomically, the run-folder lock, the stop request,
+log.txt and TensorBoard).
 """
 
 import base64
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import itertools
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,10 +49,14 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (CHECKPOINT_GLOB, Run, UserError, available_memory, check_rules, download, find_latest_checkpoint,
-                      format_duration, human, load_checkpoint, newest_readable_checkpoint, parse_dataclass, peak_flops_for,
-                      pick_device, progress_bar, quiet_transformers, rng_states, run_main, save_checkpoint_file,
-                      set_rng_states, setting, shell_command, shell_double_quoted, split_list, utf8_lines)
+from plumbing import (Run, UserError, find_data_file, gathered, is_sharded, load_checkpoint, load_optimizer_state,
+                      load_state_dict_checked, parse_dataclass, peak_flops_for, pick_device, progress_bar,
+                      quiet_transformers, resolve_reference, rng_states, run_main, save_checkpoint_file, set_rng_states,
+                      setting, split_list, utf8_lines, weights_fingerprint)
+from settings import (FIXED_ON_RESUME, LORA_TARGETS, PRESETS, check_also_train, check_config, check_loader_state,
+                      check_model_config, check_train_shards,
+                      check_val_shards, describe_run, load_hf_gpt2, open_shard, out_of_memory_advice,
+                      parse_hellaswag_line, prepare_quick_start_data, run_summary, size_defaults)
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -202,8 +203,8 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self.loss_chunk_rows = 0  # 0: the plain loss below; N: the memory-saving loss of section 11, N rows at a time
-        self.checkpoint_activations = False  # recompute each block's activations in backward (section 17)
-        self.lora = None  # LoRA adapters' settings once add_lora gives it some (section 12)
+        self.checkpoint_activations = False  # recompute each block's activations in backward (section 15)
+        self.lora = None  # the LoRA adapters' settings, once it has some (section 12)
         self.source = "a new GPT"  # what it was loaded from, for the user (section 14)
 
     def _init_weights(self, module):
@@ -227,7 +228,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """idx: (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (B, T): (None, the mean
         cross-entropy). Both cover the real vocab only: padded rows are never sampled, scored or given
-        probability. last_only: the last position's logits only, all that sampling needs."""
+        probability. last_only: the last position's logits only, all that sampling needs. (On a first read,
+        skip kv_cache and last_only, section 10; checkpoint_activations, 15; loss_chunk_rows, 11.)"""
         B, T = idx.size()
         if kv_cache is None:
             if T > self.config.block_size:
@@ -237,7 +239,7 @@ class GPT(nn.Module):
             positions, mask = kv_cache.step(T)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) broadcasts over B
         for block in self.transformer.h:
-            if self.checkpoint_activations and torch.is_grad_enabled():  # keep the input, recompute the rest (section 17)
+            if self.checkpoint_activations and torch.is_grad_enabled():  # keep the input, recompute the rest (section 15)
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, kv_cache, positions, mask)
@@ -267,7 +269,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir: str, vocab_pad_multiple: int = 1) -> "GPT":
         """Load gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded by transformers), or any directory
         written by GPT2LMHeadModel.save_pretrained."""
-        hf_model = load_hf_gpt2(name_or_dir)  # transformers' own model, its config checked (section 14)
+        hf_model = load_hf_gpt2(name_or_dir)  # transformers' own model, its config checked (settings.py)
         hf = hf_model.config
         config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
                            n_embd=hf.n_embd, vocab_pad_multiple=vocab_pad_multiple)
@@ -277,7 +279,7 @@ class GPT(nn.Module):
             if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older versions
                 continue
             state[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
-        load_state_dict_checked(model, state, source=name_or_dir)  # the padded vocab rows stay zero
+        load_state_dict_checked(model, state, name_or_dir, padded=VOCAB_ROWS)  # the padded vocab rows stay zero
         return model
 
     def to_hf(self):
@@ -294,7 +296,7 @@ class GPT(nn.Module):
         for key, value in self.state_dict().items():
             if key.endswith(CONV1D_WEIGHTS):
                 value = value.t()
-            if key in ("transformer.wte.weight", "lm_head.weight"):
+            if key in VOCAB_ROWS:
                 value = value[: c.vocab_size]  # drop the padding rows
             hf_state[key] = value.detach().float().contiguous()
         missing, unexpected = hf_model.load_state_dict(hf_state, strict=False)
@@ -332,7 +334,8 @@ class GPT(nn.Module):
                  stop_at_eot=False, use_kv_cache=True, compile_step=False, progress=False):
         """idx: (B, T) prompt tokens, the same length in every row. Returns (B, T + n), n <= max_new_tokens.
         temperature 0 is greedy. stop_at_eot: a row that produced <|endoftext|> is padded with it, and
-        generation ends once every row has. A context longer than block_size is cropped, as in nanoGPT."""
+        generation ends once every row has. A context longer than block_size is cropped, as in nanoGPT.
+        compile_step: see section 10."""
         B, T = idx.shape
         block_size = self.config.block_size
         tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # all written in place
@@ -383,15 +386,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-# OpenAI's four GPT-2 sizes (all with block_size 1024, vocab 50257).
-GPT2_SIZES = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
 # Weights stored as Conv1D (in, out) in OpenAI's/HF's checkpoints, (out, in) here.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # a row per token: a 50257-row GPT-2 fits a padded model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,10 +410,8 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 def find_shards(data_dir, split: str) -> list[Path]:
     shards = sorted(Path(data_dir).glob(f"*_{split}_*.npy"))
     if not shards:
-        raise UserError(
-            f"no {split} shards (*_{split}_*.npy) in {data_dir}/: run `python fineweb.py` to make them "
-            "(or train with --preset shakespeare, which prepares its own)"
-        )
+        raise UserError(f"no {split} shards (*_{split}_*.npy) in {data_dir}/: run `python fineweb.py` to make them "
+                        "(or train with --preset shakespeare, which prepares its own)")
     return shards
 
 
@@ -436,12 +431,12 @@ class TrainLoader:
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.seed, self.vocab_size, self.device = seed, vocab_size, device
         paths = find_shards(data_dir, "train")
-        self.data_dir, self.shards = data_dir, [open_shard(p) for p in paths]  # memory-mapped and checked (section 15)
+        self.data_dir, self.shards = data_dir, [open_shard(p) for p in paths]  # memory-mapped and checked (settings.py)
         self.shard_list = [[p.name, len(s)] for p, s in zip(paths, self.shards)]  # what a resume must find again
         # Full windows per shard: the last window needs one more token for its final target.
         self.windows_per_shard = [(len(s) - 1) // (B * T) for s in self.shards]
         self.windows_per_epoch = sum(self.windows_per_shard)
-        check_train_shards(self, paths)  # their token ids, now rather than at step 88; at least one window
+        check_train_shards(self, paths)  # their token ids, now rather than mid-run; at least one window (settings.py)
         self.windows_taken = 0  # by all ranks together; this rank's next window is windows_taken + rank
         self._orders = {}  # epoch -> its order, for the (at most two) epochs in use
 
@@ -475,7 +470,7 @@ class TrainLoader:
                     shards=self.shard_list)
 
     def load_state_dict(self, state: dict) -> None:
-        check_loader_state(self, state)  # the same batches and shards, or one line saying what differs (section 15)
+        check_loader_state(self, state)  # the same batches and shards, or one line saying what differs (settings.py)
         if state.get("shards") is None:  # a checkpoint of an earlier version counted windows within its epoch
             self.windows_taken = state["epoch"] * self.windows_per_epoch + state["windows_taken"]
         else:
@@ -496,7 +491,7 @@ class ValLoader:
         self.shards = [open_shard(p) for p in paths]
         starts = [(i, s * T) for i, shard in enumerate(self.shards) for s in range((len(shard) - 1) // T)]
         self.num_sequences = min(len(starts), max(1, val_tokens // T))
-        check_val_shards(self, paths, starts[: self.num_sequences], data_dir, vocab_size)  # section 15
+        check_val_shards(self, paths, starts[: self.num_sequences], data_dir, vocab_size)  # settings.py
         self.total_tokens = self.num_sequences * T  # evaluated by all ranks together
         self.starts = starts[rank : self.num_sequences : world_size]  # this rank's sequences
         # The most batches any rank runs: a sharded model's forward is a collective, so that every rank
@@ -514,13 +509,11 @@ class ValLoader:
 # ---------------------------------------------------------------------------------------------------
 # 6. Training settings
 #
-# One dataclass: its fields are the command-line flags (--help prints each help text; setting() gives a
-# field its help and the rule its value must meet, checked before any work starts), it is printed at
-# start and saved as train_config.json beside the log. The defaults are the GPT-2 124M reproduction on
-# FineWeb-Edu 10B, the numbers of the GPT-3 paper's "small" model (GPT-2 itself never published them).
-# Presets (--preset fast, --preset shakespeare) are in section 15.
-
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's four matrices (LoRA: section 12)
+# One dataclass: its fields are the command-line flags (setting() gives each its --help text and the rule
+# its value must meet: plumbing.py), saved as train_config.json beside the log. The defaults are the GPT-2
+# 124M reproduction on FineWeb-Edu 10B, with the numbers of the GPT-3 paper's "small" model (GPT-2 itself
+# never published them). The presets (--preset fast, shakespeare: Muon and a WSD schedule, section 7) and
+# the checks that need several settings at once are in settings.py.
 
 
 @dataclass
@@ -532,7 +525,7 @@ class TrainConfig:
     data_seed: int = setting(1337, "seed of the per-epoch shuffle of shards and windows", rule="seed")
     # model
     model: str = setting("gpt2", "the GPT-2 size to train from scratch: gpt2 (124M), gpt2-medium (350M), gpt2-large (774M), "
-                         "gpt2-xl (1558M); sets its shape and recipe (section 15), flags given beside it win",
+                         "gpt2-xl (1558M); sets its shape and recipe (settings.py), flags given beside it win",
                          choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"))
     init_from: str = setting("scratch", "scratch | gpt2[-medium|-large|-xl] | a Hugging Face dir | a checkpoint .pt | a run folder")
     block_size: int = setting(1024, "sequence length T", rule="positive")
@@ -603,10 +596,10 @@ class TrainConfig:
     dtype: str = setting("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, else float32",
                          choices=("auto", "bfloat16", "float16", "float32"))
     compile: str = setting("auto", "torch.compile the model (auto: on for CUDA)", choices=("auto", "on", "off"))
-    shard: bool = setting(False, "shard weights, gradients and optimizer state across the GPUs with FSDP2 (section 17), "
+    shard: bool = setting(False, "shard weights, gradients and optimizer state across the GPUs with FSDP2 (section 15), "
                           "for models whose training state does not fit one GPU")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in backward instead of keeping "
-                                             "them (section 17): less memory, ~1/3 more compute")
+                                             "them (section 15): less memory, ~1/3 more compute")
     loss: str = setting("auto", "plain: every logit, then F.cross_entropy; chunked: a chunk of rows at a time, less "
                         "memory (section 11); auto: chunked on CPUs, where it is faster too", choices=("auto", "plain", "chunked"))
     seed: int = setting(1337, "seed of the model init", rule="seed")
@@ -632,7 +625,7 @@ def configure_optimizers(model: GPT, config: TrainConfig, device_type: str) -> l
         # this one moves every direction the gradient points to by the same amount, which is what
         # the hidden matrices of a transformer need and why it trains them in fewer tokens. It is a
         # rule for matrices only: embeddings (one row per token, rarely seen), biases and LayerNorm
-        # gains stay with AdamW. torch.optim.Muon scales the update by sqrt(max(1, rows / cols)).
+        # gains stay with AdamW. torch.optim.Muon scales the update by sqrt(max(1, rows / cols)) (by default).
         hidden = [name for name, p in trainable.items() if name.startswith("transformer.h.") and p.dim() == 2]
         muon_params = [trainable.pop(name) for name in hidden]
         muon = torch.optim.Muon(muon_params, lr=config.muon_lr, momentum=config.muon_momentum, nesterov=True,
@@ -658,8 +651,9 @@ def configure_optimizers(model: GPT, config: TrainConfig, device_type: str) -> l
 def lr_schedule(step: int, config: TrainConfig) -> float:
     """How far up every peak learning rate is at this step, 0..1: a linear warmup over warmup_steps, then
     cosine (GPT-3's schedule, the default): a cosine down to min_lr_ratio at max_steps; or wsd (warmup-
-    stable-decay): constant, then a linear decay over the last decay_frac of the steps. A checkpoint from
-    the constant phase can be trained longer (a larger --max_steps on --resume) without starting over."""
+    stable-decay): constant, then a linear decay to min_lr_ratio over the last decay_frac of the steps. A
+    checkpoint from the constant phase can be trained longer (a larger --max_steps on --resume) or cooled
+    down early with a short decay, without starting over."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if step >= config.max_steps:
@@ -711,6 +705,10 @@ def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progres
 
 # ---------------------------------------------------------------------------------------------------
 # 9. The training loop
+#
+# First the helpers train() calls, in the order it calls them: the processes (one, or torchrun's), the
+# dtype, torch.compile, one optimizer step, the samples, a checkpoint and its restoring. `run` in train()
+# is plumbing.Run: the run folder and its lock, log.txt (and TensorBoard), the stop request, checkpoints.
 
 
 def setup_distributed(requested_device: str, shard: bool = False):
@@ -772,7 +770,7 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     for micro_step in range(grad_accum_steps):
         x, y = next_batch()
         # DDP would all-reduce the gradients after every backward; only the last micro-step needs it. (A
-        # sharded model, section 17, reduce-scatters every micro-step: it keeps only its shard of them.)
+        # sharded model, section 15, reduce-scatters every micro-step: it keeps only its shard of them.)
         last = micro_step == grad_accum_steps - 1
         with contextlib.nullcontext() if (last or not hasattr(model, "no_sync")) else model.no_sync():
             with autocast:
@@ -803,7 +801,7 @@ def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: 
                   compile_step: bool = False) -> tuple[list[str], GPT]:
     """config.num_samples continuations of config.sample_prompt (top-k 50, a seed of their own: the training
     RNG stays untouched), and the copy of the model in `dtype` that wrote them (section 10), to pass back
-    next time. Rank 0 samples; the others only help gather a sharded model's weights (section 17)."""
+    next time. Rank 0 samples; the others only help gather a sharded model's weights (section 15)."""
     state = gathered(model.state_dict(), keep=master) if is_sharded(model) else None
     if not master:
         return [], sampler
@@ -818,8 +816,9 @@ def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampler: 
 def checkpoint_state(step: int, model: GPT, optimizers, loader: TrainLoader, config: TrainConfig, val_loss, scaler,
                      rng: dict, master: bool = True) -> dict:
     """Everything needed to continue as if never stopped: weights, optimizer moments, the step, the loader's
-    position and every random state (plumbing.py writes it atomically and keeps the newest few). A sharded
-    model's are gathered whole (section 17): every rank calls this, rank 0 gets the tensors."""
+    position and every random state (plumbing.py writes it atomically, keeps the newest few, and reads it
+    back with weights_only=True: a checkpoint from elsewhere cannot run code). A sharded
+    model's are gathered whole (section 15): every rank calls this, rank 0 gets the tensors."""
     # A LoRA run stores what trains (the adapters) and where its frozen weights come from, not them.
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return dict(model=gathered(trained if model.lora else model.state_dict(), master), lora=model.lora,
@@ -860,15 +859,12 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         B, T = config.micro_batch_size, config.block_size
         tokens_per_micro_step = B * T * world_size
         if config.total_batch_size % tokens_per_micro_step:
-            raise UserError(
-                f"--total_batch_size {config.total_batch_size:,} is not a multiple of micro_batch_size x block_size x "
-                f"processes = {B} x {T} x {world_size} = {tokens_per_micro_step:,}: change one of them"
-            )
+            raise UserError(f"--total_batch_size {config.total_batch_size:,} is not a multiple of micro_batch_size x "
+                            f"block_size x processes = {B} x {T} x {world_size} = {tokens_per_micro_step:,}: change one of them")
         grad_accum_steps = config.total_batch_size // tokens_per_micro_step
 
-        # The data (checked before a model is built), the model, the optimizers; on --resume, as the
-        # checkpoint left them.
-        prepare_quick_start_data(config, master, ddp)  # --preset shakespeare tokenizes its corpus (section 15)
+        # The data (checked before a model is built), the model, the optimizers; on --resume, as they were saved.
+        prepare_quick_start_data(config, master, ddp)  # --preset shakespeare tokenizes its corpus (settings.py)
         train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, device=device)
         val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device)
         dtype = pick_dtype(config.dtype, device)
@@ -877,7 +873,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         model = build_model(config, checkpoint, run.resume_from).to(device)  # new, pretrained or resumed (section 14)
         if shape:  # a pretrained model's shape is its own: the run's settings record it, not the flags' defaults
             config = run.config = dataclasses.replace(config, **{k: getattr(model.config, k) for k in shape[1:]})
-        use_memory_options(model, config, dtype, device_type)  # the chunked loss, sharding, ... (sections 11, 17)
+        use_memory_options(model, config, dtype, device_type)  # the chunked loss, sharding, ... (sections 11, 15)
         optimizers = configure_optimizers(model, config, device_type)
         run.on_out_of_memory = lambda: out_of_memory_advice(model, config, world_size, dtype, device)
         start_step, val_loss, acc_norm = 0, None, None
@@ -890,8 +886,9 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
         compiled, evaluator = compile_model(model) if use_compile else (model, model)
         train_model = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None) if ddp and not config.shard else compiled
-        run.say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps, train_loader, val_loader))
-        hellaswag_examples = hellaswag_for_training(config, master, ddp, world_size, run.say)  # None: not evaluated
+        hellaswag_examples, hellaswag_line = hellaswag_for_training(config, master, ddp, world_size)  # (None, ""): none
+        settings_lines = describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps, train_loader, val_loader)
+        run.say("\n".join(filter(None, [settings_lines, hellaswag_line])))  # the settings resolved (settings.py)
         run.start(start_step)  # every setting, the data and the model are good: the log starts (--overwrite: anew)
         if model.lora and start_step == 0 and model.lora["base"] == LORA_BASE_FILE:
             save_lora_base(model, run.log_dir, master)  # the weights a LoRA run adapts, kept in its folder (section 12)
@@ -1134,7 +1131,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_rows: int):
 #    learning rate once, then try ranks.
 #  - After training, W + (alpha / r) B A is one ordinary matrix. Merging gives back a plain GPT-2 of the
 #    same shapes and speed, which exports to Hugging Face like any other; a checkpoint stores only A
-#    and B, and where the pretrained weights come from. LORA_TARGETS (section 6) names the matrices.
+#    and B, and where the pretrained weights come from. LORA_TARGETS (settings.py) names the matrices.
 
 
 class LoRALinear(nn.Module):
@@ -1231,23 +1228,8 @@ NUM_ENDINGS = 4
 
 
 def find_hellaswag_data(data: str | None = None, cache_dir=HELLASWAG_CACHE_DIR) -> Path:
-    """The validation file: `data` if given, else $HELLASWAG_DATA, else the download in cache_dir
-    (fetched on first use)."""
-    for source, value in (("--data", data), (f"${HELLASWAG_DATA_ENV}", os.environ.get(HELLASWAG_DATA_ENV))):
-        if value:
-            path = Path(value).expanduser()
-            if not path.is_file():
-                what = "is a folder: give the hellaswag_val.jsonl file" if path.is_dir() else "does not exist"
-                raise UserError(f"HellaSwag data file {path} (from {source}) {what}")
-            return path
-    path = Path(cache_dir) / "hellaswag_val.jsonl"
-    if not path.is_file():
-        try:
-            download(HELLASWAG_URL, path)
-        except OSError as e:  # no network, DNS failure, HTTP error (URLError and HTTPError are OSErrors)
-            raise UserError(f"could not download HellaSwag from {HELLASWAG_URL} ({e}); without internet, pass "
-                            f"--data path/to/hellaswag_val.jsonl or set {HELLASWAG_DATA_ENV}") from e
-    return path
+    """The validation file: `data` if given, else $HELLASWAG_DATA, else the download in cache_dir."""
+    return find_data_file("HellaSwag", data, HELLASWAG_DATA_ENV, HELLASWAG_URL, Path(cache_dir) / "hellaswag_val.jsonl")
 
 
 @dataclass
@@ -1268,32 +1250,11 @@ def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagExample]:
         if limit is not None and len(examples) >= limit:
             break
         if line.strip():  # tolerate blank lines (a trailing newline, a hand-edited file)
-            context, endings, label = parse_hellaswag_line(line, where=f"{path} line {line_number}")
+            context, endings, label = parse_hellaswag_line(line, f"{path} line {line_number}", NUM_ENDINGS)  # settings.py
             examples.append(HellaSwagExample(encode(context), [encode(" " + ending) for ending in endings], label))
     if not examples:
         raise UserError(f"{path} holds no HellaSwag examples")
     return examples
-
-
-def parse_hellaswag_line(line: str, where: str) -> tuple[str, list[str], int]:
-    """(ctx, endings, label) from one line of the file: a JSON object with these three fields."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if missing := [field for field in ("ctx", "endings", "label") if field not in row]:
-        raise UserError(f"{where}: missing field {missing[0]!r}")
-    context, endings, label = row["ctx"], row["endings"], row["label"]
-    label = int(label) if isinstance(label, str) and label.isdigit() else label  # Hugging Face's copy stores "3"
-    if not isinstance(context, str):
-        raise UserError(f"{where}: 'ctx' must be a string")
-    if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
-        raise UserError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
-    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < NUM_ENDINGS:
-        raise UserError(f"{where}: label {row['label']!r} is out of range (expected 0..{NUM_ENDINGS - 1})")
-    return context, endings, label
 
 
 # Many examples per forward pass. Each example becomes four rows, context + ending; a batch holds
@@ -1374,7 +1335,7 @@ def hellaswag_counts(model, examples, device, batch_size=16, rank=0, world_size=
     numbers of forward passes: pass the model itself (compiled or not), not its DDP wrapper.
     pad_to_multiple: 16 gives a compiled model few shapes; an eager one may use 1 (no wasted tokens)."""
     share = examples[rank::world_size]
-    # A sharded model's forward is a collective (section 17): every rank runs as many as the busiest.
+    # A sharded model's forward is a collective (section 15): every rank runs as many as the busiest.
     min_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size) if is_sharded(model) else 0
     sum_losses, mean_losses = hellaswag_losses(model, share, device, batch_size, autocast_dtype, pad_to_multiple,
                                                sort_by_length, progress, min_batches)
@@ -1393,19 +1354,18 @@ def hellaswag_counts_all_ranks(model, examples, device, rank=0, world_size=1, **
     return counts
 
 
-def hellaswag_for_training(config, master: bool, ddp: bool, world_size: int, say) -> list | None:
-    """The examples the training loop scores (None if it scores none). Rank 0 downloads the val set if
-    it must (now, not at step 250) while the others wait; then every rank reads it."""
+def hellaswag_for_training(config, master: bool, ddp: bool, world_size: int) -> tuple[list | None, str]:
+    """The examples the training loop scores (None if it scores none), and a line saying so. Rank 0
+    downloads the val set if it must (now, not at step 250) while the others wait; then every rank reads it."""
     if not (config.hellaswag and config.eval_interval):
-        return None
+        return None, ""
     if master:
         find_hellaswag_data(config.hellaswag_data or None)
     if ddp:
         dist.barrier()
     path = find_hellaswag_data(config.hellaswag_data or None)
     examples = load_hellaswag(path, config.hellaswag_limit or None)
-    say(f"HellaSwag: {len(examples):,} examples from {path}, split across {world_size} rank(s)")
-    return examples
+    return examples, f"HellaSwag: {len(examples):,} examples from {path}, split across {world_size} rank(s)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1416,98 +1376,16 @@ def hellaswag_for_training(config, master: bool, ddp: bool, world_size: int, say
 # written by this script, or a run folder (its newest checkpoint).
 
 
-def load_hf_gpt2(name_or_dir: str):
-    """transformers' GPT2LMHeadModel for a GPT-2 name or a save_pretrained directory, refused with one
-    line if it does not exist, does not load, or computes another function than GPT-2's."""
-    if not os.path.isdir(name_or_dir) and name_or_dir not in GPT2_SIZES:
-        if os.sep in name_or_dir or name_or_dir.startswith("."):
-            raise UserError(f"model directory {name_or_dir!r} does not exist")
-        raise UserError(
-            f"unknown model {name_or_dir!r}: use one of {', '.join(GPT2_SIZES)}, "
-            "or a directory written by GPT2LMHeadModel.save_pretrained"
-        )
-    from transformers import GPT2LMHeadModel  # imported here: only this path needs transformers
-
-    try:
-        with quiet_transformers():
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
-    except Exception as e:  # a missing or truncated file (safetensors' own error), pickled objects, a bad config, ...
-        first_line = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
-        if "weights_only" in str(e) or "Weights only" in str(e):  # torch refused to unpickle: don't pass on its advice
-            first_line = "it holds pickled Python objects, not only weights, and loading those could run code"
-        raise UserError(f"could not load {name_or_dir!r} with transformers: {type(e).__name__}: {first_line}") from e
-    hf = hf_model.config
-    # Every GPT2Config field that changes what the model computes must have GPT-2's value: this
-    # model implements exactly that one function. Refuse anything else rather than be subtly wrong.
-    # (Dropout rates are left out: they change training, not the function, and we train without.)
-    gpt2_only = {
-        "model_type": "gpt2",
-        "activation_function": "gelu_new",  # GELU, tanh approximation
-        "layer_norm_epsilon": 1e-5,
-        "tie_word_embeddings": True,  # one matrix for the token embeddings and the classifier
-        "scale_attn_weights": True,  # attention scores divided by sqrt(head size)
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-        "n_inner": 4 * hf.n_embd,  # the MLP's width (None means 4 * n_embd)
-    }
-    for key, expected in gpt2_only.items():
-        value = getattr(hf, key, expected)
-        if key == "n_inner" and value is None:
-            value = 4 * hf.n_embd
-        if value != expected:
-            raise UserError(
-                f"{name_or_dir}: GPT2Config.{key}={value!r} is not supported: this GPT-2 implements "
-                f"{key}={expected!r} only"
-            )
-    return hf_model
-
-
-def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict with one-line errors. Embedding rows beyond the source's vocab (padding) are
-    zeroed, so a 50257-row GPT-2 loads into a 50304-row model for fine-tuning, the same way every time."""
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    if missing or unexpected:
-        raise UserError(
-            f"{source} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
-    with torch.no_grad():
-        for key, value in state.items():
-            target = ours[key]
-            padded_rows = key in ("transformer.wte.weight", "lm_head.weight") and value.size(0) < target.size(0)
-            if value.shape[1:] != target.shape[1:] or (value.shape[0] != target.shape[0] and not padded_rows):
-                raise UserError(
-                    f"{source}: {key} has shape {tuple(value.shape)}, this model expects {tuple(target.shape)} "
-                    "(was it saved from a model of another size?)"
-                )
-            target[: value.size(0)].copy_(value)
-            target[value.size(0) :].zero_()  # padded rows (if any): never used, but deterministic
-
-
-def weights_fingerprint(model: nn.Module) -> float:
-    """A number that changes when any weight changes: tells a LoRA checkpoint's base model from another."""
-    return sum(float(p.detach().double().sum()) for p in model.parameters())
-
-
 def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: bool = True, folder=None) -> GPT:
     """The model a checkpoint holds. A LoRA checkpoint holds only the adapters (and what else trained):
     the pretrained model it adapted is loaded again (from the run folder's copy of it, LORA_BASE_FILE,
     which `folder` holds, or for a GPT-2 name from the hub), and the adapters are merged into it
     (merge=False keeps them separate, to resume training)."""
-    try:
-        config = GPTConfig(**checkpoint["model_config"])
-    except TypeError as e:
-        raise UserError(f"{source}: model_config does not describe a GPTConfig ({e})") from e
-    bad = [f"{k}={v!r}" for k, v in asdict(config).items() if type(v) is not int or v < 1]
-    if bad:
-        raise UserError(f"{source}: model_config has {bad[0]}, not a positive whole number: the checkpoint is damaged")
+    config = check_model_config(checkpoint["model_config"], GPTConfig, source)
     lora = checkpoint.get("lora")
     if lora is None:
         model = GPT(config)
-        load_state_dict_checked(model, checkpoint["model"], source=source)
+        load_state_dict_checked(model, checkpoint["model"], source, padded=VOCAB_ROWS)
         return model
     base = lora["base"]
     if not Path(base).is_absolute() and base.endswith(".pt"):  # the run folder's own copy
@@ -1527,17 +1405,6 @@ def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint", merge: b
         for name, param in trainable.items():
             param.copy_(checkpoint["model"][name])
     return merge_lora(model) if merge else model
-
-
-def resolve_reference(reference: str) -> str:
-    """A run folder -> its newest readable checkpoint file; anything else as it is."""
-    path = Path(reference)
-    if path.is_dir() and not (path / "config.json").exists():  # a run folder (an HF dir has config.json)
-        checkpoint, _ = newest_readable_checkpoint(path)
-        if checkpoint is None:
-            raise UserError(f"{reference} holds no readable {CHECKPOINT_GLOB} checkpoint and is not a Hugging Face directory")
-        return str(checkpoint)
-    return reference
 
 
 def load_pretrained(reference: str, vocab_pad_multiple: int = 1) -> GPT:
@@ -1562,45 +1429,6 @@ def load_model(init_from: str, device: str = "cpu") -> GPT:
     return load_pretrained(init_from).to(device).eval()
 
 
-# What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
-# Everything else may change on --resume (learning rates, max_steps, intervals, ...) and is applied.
-FIXED_ON_RESUME = ("model", "init_from", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple", "lora_rank",
-                   "lora_alpha", "lora_targets", "lora_also_train", "total_batch_size", "micro_batch_size",
-                   "data_seed", "optimizer")
-
-
-def pretrained_shape(reference: str) -> dict | None:
-    """n_layer, n_head, n_embd of the model a reference names, read without loading its weights; None
-    if it cannot be read (loading it says why, later)."""
-    if reference in GPT2_SIZES:
-        return GPT2_SIZES[reference]
-    try:
-        path = Path(resolve_reference(reference))
-        if path.is_dir():  # a Hugging Face directory
-            hf = json.loads((path / "config.json").read_text())
-            shape = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-            return shape if all(type(value) is int for value in shape.values()) else None
-        model_config = load_checkpoint(path)["model_config"]  # memory-mapped: the weights are not read
-        shape = {name: model_config[name] for name in ("n_layer", "n_head", "n_embd")}
-        return shape if all(type(value) is int for value in shape.values()) else None
-    except (UserError, OSError, KeyError, ValueError, TypeError):
-        return None
-
-
-def check_pretrained_shape(config: TrainConfig, explicit) -> None:
-    """With --init_from the model's shape is its own: a shape flag that says otherwise would be ignored."""
-    shape = pretrained_shape(config.init_from)
-    if shape is None:
-        return
-    claims = [(name, getattr(config, name), shape[name]) for name in ("n_layer", "n_head", "n_embd") if name in explicit]
-    if "model" in explicit:
-        claims += [("model", config.model, "another shape")] if GPT2_SIZES[config.model] != shape else []
-    for name, value, actual in claims:
-        if value != actual:
-            raise UserError(f"--{name} {value} has no effect with --init_from {config.init_from}, whose shape is "
-                            f"{shape['n_layer']} layers, {shape['n_head']} heads, {shape['n_embd']} wide: drop the flag")
-
-
 def build_model(config: TrainConfig, checkpoint: dict | None, resumed_from: Path | None = None) -> GPT:
     """The model to train: the resumed checkpoint's, a new GPT (--init_from scratch), or a pretrained
     model (a GPT-2 name, an HF dir, a checkpoint or a run folder), with LoRA adapters if asked."""
@@ -1614,8 +1442,6 @@ def build_model(config: TrainConfig, checkpoint: dict | None, resumed_from: Path
     # A run folder means its newest checkpoint *now*: a LoRA run records that file, not the folder.
     reference = resolve_reference(config.init_from)
     model = load_pretrained(reference, config.vocab_pad_multiple)
-    if config.block_size > model.config.block_size:
-        raise UserError(f"--block_size {config.block_size} is larger than the model's block_size {model.config.block_size}")
     if config.lora_rank:
         # A local base is kept as a copy in the run folder (save_lora_base), so that the fine-tune stays
         # usable whatever becomes of the original; a GPT-2 name is downloaded again when needed.
@@ -1623,304 +1449,16 @@ def build_model(config: TrainConfig, checkpoint: dict | None, resumed_from: Path
         if Path(reference).exists():
             base.update(base=LORA_BASE_FILE, source=str(Path(reference).resolve()))
         targets, also_train = split_list(config.lora_targets), split_list(config.lora_also_train)
-        names = [name for name, _ in model.named_parameters()]
-        unmatched = [fragment for fragment in also_train if not any(fragment in name for name in names)]
-        if unmatched:
-            raise UserError(f"--lora_also_train {unmatched[0]!r} matches no parameter (their names look like {names[2]})")
+        check_also_train(also_train, [name for name, _ in model.named_parameters()])
         add_lora(model, config.lora_rank, config.lora_alpha, targets, also_train)
         model.lora = dict(rank=config.lora_rank, alpha=config.lora_alpha, targets=targets, also_train=also_train, **base)
+    if config.block_size > model.config.block_size:
+        raise UserError(f"--block_size {config.block_size} is larger than the model's block_size {model.config.block_size}")
     return model
 
 
 # ---------------------------------------------------------------------------------------------------
-# 15. Presets and the checks on settings
-
-
-# The recipe of each GPT-2 size trained from scratch (--model), on FineWeb-Edu with the default recipe
-# (AdamW, warmup, cosine to 10%). Cited: the learning rate and batch of the GPT-3 paper's model nearest
-# in size (Brown et al., 2020, Table 2.1), warmup over GPT-3's 375M tokens (715 steps of 2^19), and
-# llm.c's GPT-2 runs (karpathy/llm.c, scripts/run_gpt2_{124M,350M,774M,1558M}.sh). max_steps is our
-# estimate of the tokens that reach OpenAI's model of that size; fast_steps the same for --preset fast.
-# micro_batch_size: what fits an 80 GB GPU with DDP, bf16 (estimate_memory, section 17).
-GPT2_RECIPES = {
-    # GPT-3 Small: 6e-4, 2^19 tokens. 10B tokens: build-nanogpt's and llm.c's 124M runs pass GPT-2 124M's
-    # HellaSwag (cited); fast: README, "Where 8,000 steps comes from" (our estimate).
-    "gpt2": dict(max_lr=6e-4, total_batch_size=2**19, warmup_steps=715, max_steps=19_073, fast_steps=8_000,
-                 micro_batch_size=64),
-    # GPT-3 Medium (350M) and llm.c's 350M: 3e-4, 2^19 (cited). 31.5B tokens: llm.c's 350M run (cited);
-    # that it reaches GPT-2 medium is our guess (80 tokens per parameter, as 124M's 10B).
-    "gpt2-medium": dict(max_lr=3e-4, total_batch_size=2**19, warmup_steps=715, max_steps=60_000, fast_steps=25_000,
-                        micro_batch_size=32),
-    # GPT-3 Large (760M) and llm.c's 774M: 2.5e-4, 2^19 (cited). llm.c trained 150B tokens; 80 tokens per
-    # parameter, 62B, is our guess.
-    "gpt2-large": dict(max_lr=2.5e-4, total_batch_size=2**19, warmup_steps=715, max_steps=118_000, fast_steps=50_000,
-                       micro_batch_size=16),
-    # llm.c's 1558M: 6e-4, 2^20 tokens a step, 700 warmup steps (cited); it matched GPT-2 XL's HellaSwag
-    # about 25K steps into its 32K-step run (cited): 25,000 steps (26B tokens), the schedule ending there (guess).
-    "gpt2-xl": dict(max_lr=6e-4, total_batch_size=2**20, warmup_steps=700, max_steps=25_000, fast_steps=10_500,
-                    micro_batch_size=8),
-}
-
-
-def size_defaults(args) -> dict:
-    """--model's shape and recipe (with --preset fast, its fast_steps): defaults under a preset's and the flags'."""
-    recipe = dict(GPT2_SIZES[args.model], **GPT2_RECIPES[args.model])
-    fast_steps = recipe.pop("fast_steps")
-    if args.preset == "fast":
-        recipe["max_steps"] = fast_steps
-    return recipe
-
-
-# The fast recipe: Muon for the block matrices, AdamW for the rest, a warmup-stable-decay schedule.
-FAST_RECIPE = dict(optimizer="muon", muon_lr=0.02, max_lr=6e-3, schedule="wsd", decay_frac=0.2, min_lr_ratio=0.0)
-
-PRESETS = {
-    # GPT-2 in fewer tokens: the fast recipe, 250 warmup steps, and the size's fast_steps (8,000 for 124M,
-    # 4.2B tokens). The same GPT-2 (it exports to Hugging Face like any other); the evidence for each
-    # number is in README.md, "What a run costs".
-    "fast": dict(FAST_RECIPE, warmup_steps=250),
-    # A quick start: a small GPT on Tiny Shakespeare, 5-13 minutes on a 2-core CPU, trained with the
-    # fast recipe: val loss ~5.0 in 150 steps, where AdamW with a cosine schedule (the preset's recipe
-    # until 2026-11) ends at 5.88 and writes word salad (README, the quick start).
-    "shakespeare": dict(
-        data_dir="tinyshakespeare_tokens",
-        val_tokens=16_384,
-        block_size=128,
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        total_batch_size=4096,
-        micro_batch_size=32,
-        **FAST_RECIPE,
-        warmup_steps=20,
-        max_steps=150,
-        eval_interval=25,
-        hellaswag=False,
-        sample_interval=75,
-        num_samples=2,
-        sample_prompt="ROMEO:",
-        checkpoint_interval=75,
-    ),
-}
-
-
-def prepare_quick_start_data(config: TrainConfig, master: bool, ddp: bool) -> None:
-    """The quick start's corpus, Tiny Shakespeare (vendored), is small enough to tokenize on the spot:
-    rank 0 runs `python fineweb.py --source shakespeare` for the user (and shows its summary line)."""
-    data_dir = config.data_dir
-    if data_dir != PRESETS["shakespeare"]["data_dir"] or list(Path(data_dir).glob("*_train_*.npy")):
-        return
-    if master:
-        command = [sys.executable, str(Path(__file__).with_name("fineweb.py")), "--source", "shakespeare", "--out_dir", data_dir]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-        print(result.stdout.splitlines()[0])  # "tinyshakespeare_tokens: 2 shards, 338,026 tokens, ..."
-    if ddp:
-        dist.barrier()
-
-
-def parse_config(argv=None) -> TrainConfig:
-    """The command line, from TrainConfig's fields, checked. --preset NAME changes the defaults; flags win."""
-    config, explicit = parse_dataclass(TrainConfig, argv, PRESETS, "Train GPT-2. Every setting is a flag; see README.md.",
-                                       defaults=size_defaults)
-    for name in ("lora_targets", "lora_also_train"):  # "a, b" and "a,b" are the same list
-        setattr(config, name, ",".join(split_list(getattr(config, name))))
-    # The flags on the command line (not a preset's or the defaults): some only make sense with others.
-    check_config(config, explicit)
-    return config
-
-
-def check_config(config: TrainConfig, explicit=frozenset()) -> None:
-    """One UserError for the first bad setting, before any work starts."""
-    check_rules(config)
-    pick_device(config.device)  # a device that does not exist here
-    if config.n_embd % config.n_head:
-        raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
-    lora_flags = sorted(explicit & {"lora_alpha", "lora_targets", "lora_also_train"})
-    if not config.lora_rank and lora_flags:
-        raise UserError(f"--{lora_flags[0]} has no effect without --lora_rank (the rank of the LoRA adapters)")
-    if config.lora_rank and config.init_from == "scratch":
-        raise UserError("--lora_rank adapts a pretrained model: give --init_from (gpt2, an HF dir, a checkpoint)")
-    if config.lora_rank and config.optimizer == "muon":
-        raise UserError("--optimizer muon trains the block matrices, which LoRA freezes: fine-tune LoRA with adamw")
-    unknown = [t for t in split_list(config.lora_targets) if t not in LORA_TARGETS]
-    if unknown or not split_list(config.lora_targets):
-        raise UserError(f"--lora_targets {config.lora_targets!r}: choose among {','.join(LORA_TARGETS)}")
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if config.init_from != "scratch" and explicit & {"model", "n_layer", "n_head", "n_embd"}:
-        check_pretrained_shape(config, explicit)
-    if config.shard and config.dtype == "float16":
-        raise UserError("--shard runs in bfloat16 or float32: float16's gradient scaler does not work with sharding here")
-    if config.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
-        raise UserError(f"--loss chunked needs torch 2.13 or newer (F.linear_cross_entropy); this is torch {torch.__version__}")
-    if config.shard and "RANK" not in os.environ:
-        raise UserError("--shard splits the model across processes that torchrun starts: torchrun --nproc_per_node=N "
-                        "train_gpt2.py ... (N GPUs; with one, FSDP2 runs but saves nothing)")
-    if config.resume and config.overwrite:
-        raise UserError("--resume continues the run in --log_dir and --overwrite deletes it: give one of them")
-    if len(set(split_list(config.lora_targets))) < len(split_list(config.lora_targets)):
-        raise UserError(f"--lora_targets {config.lora_targets!r} names a matrix twice")
-    muon_flags = sorted(explicit & {"muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr"})
-    if config.optimizer != "muon" and muon_flags:
-        raise UserError(f"--{muon_flags[0]} has no effect without --optimizer muon")
-    if config.schedule != "wsd" and "decay_frac" in explicit:
-        raise UserError("--decay_frac has no effect without --schedule wsd")
-    if config.sample_interval and len(encode_prompt(config.sample_prompt)) >= config.block_size:
-        raise UserError(f"--sample_prompt is {len(encode_prompt(config.sample_prompt))} tokens: it must be "
-                        f"shorter than --block_size {config.block_size}")
-
-
-def open_shard(path: Path):
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":  # every .npy file starts with these bytes
-        raise UserError(f"{path} is {'empty' if not magic else 'not a .npy file'}: make the shards again with fineweb.py")
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: nothing is read until used
-    except (OSError, ValueError, EOFError) as e:  # a header that promises more than the file holds
-        raise UserError(f"{path} is truncated or damaged ({e}): make the shards again with fineweb.py") from e
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"{path} is not a shard of GPT-2 tokens (expected 1-D uint16, got {tokens.ndim}-D {tokens.dtype})")
-    return tokens
-
-
-def check_tokens(tokens: np.ndarray, path: Path, vocab_size: int) -> None:
-    if len(tokens) and (top := int(tokens.max())) >= vocab_size:
-        split = "val" if "_val_" in Path(path).name else "train"
-        raise UserError(f"token id {top} in {split} shard {path} is >= the model's vocab_size {vocab_size}: were "
-                        "these shards made with another tokenizer?")
-
-
-def check_train_shards(loader, paths: list[Path]) -> None:
-    """Token ids the model has, and at least one window of B*T+1 tokens (shorter shards are skipped)."""
-    master, window = loader.rank == 0, loader.B * loader.T
-    for path, shard in zip(progress_bar(paths, master, "checking the train shards"), loader.shards):
-        check_tokens(shard, path, loader.vocab_size)
-    too_small = [p.name for p, n in zip(paths, loader.windows_per_shard) if n == 0]
-    if too_small and master:
-        print(f"note: skipping train shards shorter than one batch ({window + 1:,} tokens): {', '.join(too_small)}")
-    if loader.windows_per_epoch == 0:
-        raise UserError(
-            f"the train shards in {loader.data_dir}/ hold {sum(len(s) for s in loader.shards):,} tokens, fewer than one "
-            f"batch (B*T+1 = {window + 1:,}): lower --micro_batch_size or --block_size, or make bigger shards"
-        )
-
-
-def check_val_shards(loader, paths: list[Path], starts: list, data_dir, vocab_size: int) -> None:
-    """At least one sequence, and token ids the model has in the part of each shard in use."""
-    if not starts:
-        raise UserError(f"the val shards in {data_dir}/ hold fewer than block_size+1 = {loader.T + 1} tokens")
-    for i, shard in enumerate(loader.shards):
-        used = [a for s, a in starts if s == i]
-        if used:
-            check_tokens(shard[: max(used) + loader.T + 1], paths[i], vocab_size)
-
-
-def check_loader_state(loader, state: dict) -> None:
-    """A resumed loader must cut the same windows from the same shards."""
-    if (state["B"], state["T"], state["seed"]) != (loader.B, loader.T, loader.seed):
-        raise UserError(
-            f"the checkpoint's data loader used B={state['B']}, T={state['T']}, seed={state['seed']}; "
-            f"this run uses B={loader.B}, T={loader.T}, seed={loader.seed}: resume with the same settings"
-        )
-    saved = state.get("shards")
-    if saved is not None and [list(s) for s in saved] != loader.shard_list:
-        raise UserError(
-            f"the train shards in {loader.data_dir}/ are not those of the saved run ({len(saved)} shards, "
-            f"{sum(n for _, n in saved):,} tokens then; {len(loader.shard_list)} shards, "
-            f"{sum(n for _, n in loader.shard_list):,} tokens now): resume with the run's own --data_dir"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
-# 16. What a run prints
-
-
-# OpenAI's GPT-2 of each size, for the summary at the end of a run: (parameters, val loss on the
-# FineWeb-Edu val shard, HellaSwag acc_norm in hellaswag.py's protocol). The notebooks hold the full
-# table with its sources; tests/test_notebooks.py keeps these numbers equal to theirs.
-GPT2_SCORES = {
-    "gpt2": (124_439_808, 3.2924, 0.2955),
-    "gpt2-medium": (354_823_168, None, 0.3752),
-    "gpt2-large": (774_030_080, None, 0.4320),
-    "gpt2-xl": (1_557_611_200, None, 0.4893),
-}
-
-
-def describe_run(config: TrainConfig, model: GPT, device: str, dtype, use_compile: bool, world_size: int,
-                 grad_accum_steps: int, train_loader: TrainLoader, val_loader: ValLoader) -> str:
-    """The settings the run really uses, resolved (the device, not "auto"), in a few lines."""
-    c = model.config
-    if device.startswith("cuda"):
-        hardware = f"{torch.cuda.get_device_name(device)} x {world_size} GPU{'s' if world_size > 1 else ''}"
-    else:
-        threads = torch.get_num_threads()
-        hardware = f"{device} ({threads} thread{'s' if threads > 1 else ''})" + (f" x {world_size} processes" if world_size > 1 else "")
-    recipe = (f"Muon lr {config.muon_lr:g} (block matrices) + AdamW lr {config.max_lr:g} (the rest)"
-              if config.optimizer == "muon" else f"AdamW lr {config.max_lr:g}")
-    recipe += f", {config.schedule} schedule, warmup {config.warmup_steps} steps"
-    if config.schedule == "wsd":
-        recipe += f", decay over the last {config.decay_frac:.0%}"
-    tokens = config.max_steps * config.total_batch_size
-    train_tokens = train_loader.windows_per_epoch * config.micro_batch_size * config.block_size
-    lines = [
-        f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'} | "
-        f"{'chunked' if model.loss_chunk_rows else 'plain'} loss" + (" | sharded (FSDP2)" if config.shard else "")
-        + (" | activation checkpointing" if config.activation_checkpointing else ""),
-        f"model:  {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
-        f"block {c.block_size}, vocab {c.padded_vocab_size}) from {model.source}",
-        f"data:   {config.data_dir}/: {human(train_tokens)} train tokens in {len(train_loader.shards)} shard(s); "
-        f"{human(val_loader.total_tokens)} val tokens per eval",
-        f"recipe: {recipe}",
-        f"steps:  {config.max_steps:,} x {config.total_batch_size:,} tokens = {human(tokens)} tokens "
-        f"({tokens / train_tokens:.2f} epochs); a step = {config.micro_batch_size} x {config.block_size} tokens x "
-        f"{world_size} process(es) x {grad_accum_steps} accumulation steps",
-        f"memory: {estimate_memory(model, config, world_size, dtype, device).describe()}",
-        f"every setting: {Path(config.log_dir) / 'train_config.json'} (--print_settings prints them here)",
-    ]
-    if model.lora:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lines.insert(2, f"LoRA:   rank {model.lora['rank']}, alpha {model.lora['alpha']:g} on {','.join(model.lora['targets'])}: "
-                        f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
-    return "\n".join(lines)
-
-
-def run_summary(config: TrainConfig, model: GPT, step: int, steps_done: int, seconds: float, val_loss, acc_norm,
-                finished: bool) -> str:
-    """What the run did, how it compares with OpenAI's GPT-2 of its size, and what to do next."""
-    log_dir = Path(config.log_dir)
-    tokens = steps_done * config.total_batch_size
-    lines = [f"{'done' if finished else 'stopped'}: step {step:,} of {config.max_steps:,}; this session: {steps_done:,} "
-             f"steps, {human(tokens)} tokens in {format_duration(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tok/s overall)"]
-    name, (params, gpt2_val, gpt2_hella) = min(GPT2_SCORES.items(), key=lambda kv: abs(kv[1][0] - model.num_params()))
-    same_size = abs(params - model.num_params()) < 0.05 * params
-    if val_loss is not None:
-        reference = f" (OpenAI's {name}: {gpt2_val:.4f} on FineWeb-Edu's val shard)" if same_size and gpt2_val else ""
-        lines.append(f"val loss {val_loss:.4f}{reference}")
-    if acc_norm is not None:
-        reference = f" (OpenAI's {name}: {gpt2_hella:.4f})" if same_size else ""
-        lines.append(f"HellaSwag acc_norm {acc_norm:.4f}{reference}")
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():  # what to compare with the estimate at the start
-        lines.append(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated on this GPU, of "
-                     f"{torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30:.1f} GiB")
-    newest = find_latest_checkpoint(log_dir)
-    lines.append(f"newest checkpoint: {newest}")
-    if not finished:
-        lines.append("continue: the same command with --resume")
-    folder = f"{log_dir}/"
-    export = f"from train_gpt2 import load_model; load_model({folder!r}).save_hf('my-gpt2')"
-    lines += ["next:",  # commands to paste: a folder with a space or a quote in its name is quoted
-              f"  {shell_command('python', 'sample.py', '--init_from', folder):<56}  # talk to it",
-              f"  {shell_command('python', 'hellaswag.py', '--model', folder):<56}  # HellaSwag on all 10,042 examples",
-              f"  python -c {shell_double_quoted(export)}   # to Hugging Face",
-              f"  {'RUN_DIR=' + shell_command(log_dir) + ' jupyter lab play.ipynb':<56}  # plots of the run"]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 17. Bigger models: sharding, activation checkpointing, and the memory a GPU needs
+# 15. Bigger models: sharding and activation checkpointing
 #
 # With DDP every GPU holds the whole model and its training state: AdamW keeps 16 bytes per parameter
 # (fp32 weights, gradients, two moments), 25 GB for GPT-2 XL before a single activation. --shard uses
@@ -1960,104 +1498,26 @@ def shard_model(model: GPT, dtype: torch.dtype) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def is_sharded(model) -> bool:
-    """Whether fully_shard made this model (or the one torch.compile wraps) an FSDP2 module."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+# ===================================================================================================
+# Running it: `python train_gpt2.py [flags]`, or the same under `torchrun --nproc_per_node=N`
+# ===================================================================================================
 
 
-def gathered(state, keep: bool):
-    """A (nested) state dict whose tensors may be shards, with full tensors instead: on the CPU where
-    keep (rank 0, which saves), dropped elsewhere. Every rank must call it: gathering is a collective."""
-    if isinstance(state, dict):
-        return {key: gathered(value, keep) for key, value in state.items()}
-    if isinstance(state, list):
-        return [gathered(value, keep) for value in state]
-    if hasattr(state, "full_tensor"):
-        full = state.full_tensor()
-        return full.cpu() if keep else None
-    return state
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """optimizer.load_state_dict of a full (unsharded) state. For a sharded model, each tensor the size of
-    its parameter (AdamW's moments, Muon's momentum) is first cut to this rank's shard."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if any(hasattr(p, "full_tensor") for p in params):
-        state = dict(state, state={
-            index: {key: distribute_tensor(value.to(params[index].device), params[index].device_mesh, params[index].placements)
-                    if torch.is_tensor(value) and value.shape == params[index].shape else value
-                    for key, value in param_state.items()}
-            for index, param_state in state["state"].items()})
-    optimizer.load_state_dict(state)
-
-
-@dataclass
-class MemoryEstimate:
-    """What a process holds while it trains, in bytes: a model of what PyTorch keeps, calibrated against
-    the measured peak on a CPU (tests/test_sizes.py holds it within 25% at two shapes) and on an H200
-    (README, "Every GPT-2 size": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float  # per micro-batch: what the backward pass needs, and the logits at their peak
-    available: float | None  # the memory of the device (a GPU's, or the machine's for a CPU); None if unknown
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
-
-    def describe(self) -> str:
-        gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
-        return (f"~{gib(self.total)} GiB per process: weights {gib(self.weights)}, gradients {gib(self.gradients)}, "
-                f"optimizer {gib(self.optimizer)}, activations {gib(self.activations)} per micro-batch"
-                + (f" (of {gib(self.available)} GiB)" if self.available else ""))
-
-
-def estimate_memory(model: GPT, config: TrainConfig, world_size: int, dtype: torch.dtype, device: str,
-                    micro_batch_size: int | None = None) -> MemoryEstimate:
-    c, B, T = model.config, micro_batch_size or config.micro_batch_size, config.block_size
-    shards = world_size if config.shard else 1
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for _, p in trainable)
-    muon = sum(p.numel() for name, p in trainable if config.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2)
-    weights, gradients = 4 * model.num_params() / shards, 4 * n_trainable / shards  # fp32 masters and gradients
-    optimizer = (8 * (n_trainable - muon) + 4 * muon) / shards  # AdamW's two moments, Muon's momentum
-    # Per token and layer, autograd keeps the inputs of the two LayerNorms in fp32, and in the compute
-    # dtype the inputs of the four matmuls (C, C, C, 4C), q, k, v and attention's output (4C) and GELU's
-    # input (4C): 15C values; checkpointing keeps the block's input only, and one block's worth again
-    # while it is recomputed. The logits peak in backward at ~12 bytes each (the logits, their fp32
-    # log-softmax and its gradient); the chunked loss holds ~6 bytes a logit, a chunk of rows at a time.
-    # Compiled on a GPU, inductor fuses the log-softmax and its gradient into kernels that keep only the
-    # logits, in the compute dtype (measured on an H200: 124M at B=64 peaks at 28.9 GiB, not 60); a
-    # sharded model's compiled graph breaks at every block and the measured peak is the eager one.
-    compute = 4 if dtype == torch.float32 else 2
-    per_layer = B * T * c.n_embd * (8 + 15 * compute)
-    layers = B * T * c.n_embd * 4 * c.n_layer + per_layer if config.activation_checkpointing else per_layer * c.n_layer
-    fused = config.compile != "off" and device.startswith("cuda") and not config.shard
-    logits = 6 * min(B * T, LOSS_CHUNK_ROWS) if model.loss_chunk_rows else (compute if fused else 12) * B * T
-    activations = layers + logits * c.padded_vocab_size + 2 * B * T * c.n_embd * 4  # + the stream's two ends
-    return MemoryEstimate(weights, gradients, optimizer, activations, available_memory(device))
-
-
-def out_of_memory_advice(model: GPT, config: TrainConfig, world_size: int, dtype: torch.dtype, device: str) -> str:
-    """One line for a run that ran out of memory: which flag to change, and by how much."""
-    estimate = estimate_memory(model, config, world_size, dtype, device)
-    line = f"out of memory with --micro_batch_size {config.micro_batch_size} ({estimate.describe()}): "
-    budget = 0.85 * (estimate.available or estimate.total / 2)  # leave room for the allocator's fragments
-    smaller = [b for b in range(config.micro_batch_size - 1, 0, -1) if config.micro_batch_size % b == 0
-               and estimate_memory(model, config, world_size, dtype, device, b).total <= budget]
-    if smaller:
-        return line + (f"try --micro_batch_size {smaller[0]} (the same total batch, "
-                       f"{config.micro_batch_size // smaller[0]}x the accumulation steps)")
-    if not config.activation_checkpointing:
-        return line + "even --micro_batch_size 1 does not fit: add --activation_checkpointing (and --shard on several GPUs)"
-    if not config.shard:
-        return line + "add --shard and run on several GPUs (torchrun --nproc_per_node=N): each keeps 1/N of the model"
-    return line + f"the model does not fit {world_size} GPU(s) of this size: add GPUs, or train a smaller --model"
+def parse_config(argv=None) -> TrainConfig:
+    """The command line, from TrainConfig's fields, checked. --preset NAME changes the defaults; flags win."""
+    config, explicit = parse_dataclass(TrainConfig, argv, PRESETS, "Train GPT-2. Every setting is a flag; see README.md.",
+                                       defaults=size_defaults)  # --model's shape and recipe (settings.py)
+    for name in ("lora_targets", "lora_also_train"):  # "a, b" and "a,b" are the same list
+        setattr(config, name, ",".join(split_list(getattr(config, name))))
+    # The flags on the command line (not a preset's or the defaults): some only make sense with others.
+    check_config(config, explicit)  # the rules each setting must meet (settings.py)
+    if config.sample_interval and len(encode_prompt(config.sample_prompt)) >= config.block_size:
+        raise UserError(f"--sample_prompt is {len(encode_prompt(config.sample_prompt))} tokens: it must be "
+                        f"shorter than --block_size {config.block_size}")
+    if config.shard and "RANK" not in os.environ:
+        raise UserError("--shard splits the model across processes that torchrun starts: torchrun --nproc_per_node=N "
+                        "train_gpt2.py ... (N GPUs; with one, FSDP2 runs but saves nothing)")
+    return config
 
 
 def main(argv=None):

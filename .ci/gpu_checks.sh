@@ -18,8 +18,11 @@
 #   sizes        GPT-2 medium (350M) for a few steps: one GPU as it is, --shard (FSDP2 under torchrun), and
 #                --shard --activation_checkpointing: tok/s and peak memory
 #   loop         a compiled run (eval, HellaSwag, samples) stopped and resumed
+#   decode_profile  where a compiled decode step's time goes at B=4: the whole generate() against the steps
+#                alone, and the GPU's kernel time per step against the wall time (torch.profiler)
 # The whole script keeps to GPU_CHECKS_SECONDS (default 480): a part that would start too late is skipped
 # and says so, and the tarball is rewritten after every part, so a rental cut short still returns the logs.
+# GPU_CHECKS_SKIP="train_muon decode_B1" leaves out the parts whose names start so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=.gpu OUT=${OUT:-gpu_results} DRY=0 PREPARE=0
@@ -60,7 +63,13 @@ check() {
   local name=$1 seconds=$2
   shift 2
   echo "== $name"
-  local left=$((deadline - SECONDS))
+  local left=$((deadline - SECONDS)) skip
+  for skip in ${GPU_CHECKS_SKIP:-}; do  # parts measured before, left out to give the others time
+    if [[ $name == $skip* ]]; then
+      say "SKIPPED $name: in GPU_CHECKS_SKIP"
+      return 3
+    fi
+  done
   if ((left < 30)); then
     say "SKIPPED $name: out of time (GPU_CHECKS_SECONDS=$deadline)"
     return 3
@@ -126,6 +135,47 @@ import json, sys
 row = json.load(open(sys.argv[1]))['optimisations'][0]
 print(f\"compiled {row['on']:,.0f} tok/s, eager {row['off']:,.0f} tok/s ({row['ratio']:.2f}x)\")" "$logs/decode_B$batch.json")"
 done
+
+check decode_profile "$seconds" $PY - "$device" <<'EOF' && say "decode profile: $(tail -n 1 "$logs/decode_profile.txt")"
+import sys, time
+import torch
+import train_gpt2 as t
+device = sys.argv[1]
+gpu = device == "cuda"
+sync = torch.cuda.synchronize if gpu else (lambda: None)
+torch.manual_seed(0)
+shape = {} if gpu else dict(n_layer=2, n_head=2, n_embd=64, block_size=128)  # 124M on the GPU
+model = t.decoding_copy(t.GPT(t.GPTConfig(**shape, vocab_pad_multiple=64)).to(device).eval(), torch.bfloat16 if gpu else torch.float32)
+B, new = 4, 256 if gpu else 16
+prompt = torch.randint(0, 50257, (B, 10), device=device)
+for _ in range(2):  # compile every width of the cache, capture the CUDA graphs
+    model.generate(prompt, new, temperature=0, compile_step=gpu)
+sync()
+start = time.perf_counter()
+model.generate(prompt, new, temperature=0, compile_step=gpu)
+sync()
+whole = time.perf_counter() - start
+decoder = t.kv_decoder(model, B, device)
+token = decoder.prefill(prompt, fixed_shapes=gpu)[:, -1:].argmax(-1)
+sync()
+start = time.perf_counter()
+with torch.no_grad():  # as in generate(): a step compiled with grad on is another graph
+    for _ in range(new - 1):
+        decoder.step(token, compiled=gpu)
+sync()
+steps = (time.perf_counter() - start) / (new - 1)
+activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+with torch.profiler.profile(activities=activities) as profile:
+    model.generate(prompt, 64, temperature=0, compile_step=gpu)
+    sync()
+events = profile.key_averages()
+print(events.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total", row_limit=25))
+kernels = [e for e in events if e.self_device_time_total and not e.self_cpu_time_total]  # kernels, not the ranges around them
+kernel_ms = sum(e.self_device_time_total for e in kernels) / 1000 / 64 if gpu else float("nan")  # 63 steps and the prompt
+print(f"generate B={B}: {B * new / whole:,.0f} tok/s ({1000 * whole / new:.3f} ms a token); the decode steps alone: "
+      f"{1000 * steps:.3f} ms a step ({B / steps:,.0f} tok/s); GPU kernels {kernel_ms:.3f} ms a step, "
+      f"{sum(e.count for e in kernels) / 64:.0f} of them (profiled)")
+EOF
 
 # correctness: on the GPU, against eager and against the CPU
 check equivalence "$seconds" $PY - "$device" "$((DRY ? 16 : 100))" <<'EOF' && say "equivalence: $(tail -n 1 "$logs/equivalence.txt")"

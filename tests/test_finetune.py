@@ -192,3 +192,20 @@ def test_lora_fine_tuning_takes_less_memory_than_full_fine_tuning():
     lora = bench.bench_finetune(config, args, "cpu", torch.float32, lora_rank=8)
     assert 0.1 < full - lora < 0.25 and full < 1.0, (full, lora)  # GiB
     del ballast
+
+
+def test_a_resumed_lora_run_keeps_its_base_as_it_was(shakespeare_shards, tmp_path):
+    """--resume must not write lora_base.pt again: with --lora_also_train the model's LayerNorms have
+    trained by then, and a base holding them would no longer be the model the adapters were made for."""
+    pretrained_like_hf_dir(tmp_path / "hf")
+    lora = ["--init_from", tmp_path / "hf", "--lora_rank", "4", "--lora_also_train", "ln_f", "--max_lr", "3e-2",
+            "--max_steps", "4"]
+    run = tmp_path / "run"
+    train(shakespeare_shards, run, *lora, "--stop_after_step", "2")
+    base = (run / t.LORA_BASE_FILE).read_bytes()
+    train(shakespeare_shards, run, *lora, "--resume")
+    assert (run / t.LORA_BASE_FILE).read_bytes() == base
+    model = t.load_model(str(run))  # the adapters and the trained ln_f, on the base they were made for
+    assert "LoRA rank 4" in model.source
+    with torch.no_grad():
+        assert not torch.equal(model.transformer.ln_f.weight, torch.ones_like(model.transformer.ln_f.weight))

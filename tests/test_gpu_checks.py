@@ -19,7 +19,7 @@ def test_gpu_checks_dry_run_runs_every_part_and_packs_two_files(shakespeare_shar
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "summary.txt"]
     summary = (out / "summary.txt").read_text()
-    for line in ("train adamw plain: ", "train muon plain: ", "train adamw chunked: ", "decode B=1: compiled ", "decode B=4: compiled ", "medium plain: ", "medium shard: ",
+    for line in ("train adamw plain: ", "train muon plain: ", "train adamw chunked: ", "decode B=1: compiled ", "decode B=4: compiled ", "decode profile: generate B=4", "medium plain: ", "medium shard: ",
                  "medium shard_ac: ",
                  "equivalence: logits", "loop: a compiled run", "2 samples", "GPU checks: all passed"):
         assert line in summary, (line, summary)

@@ -17,6 +17,8 @@ from conftest import REPO_ROOT, run_script, script_env
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
+import settings
+
 NOTEBOOKS = ("play.ipynb", "benchmark.ipynb")
 PLAY_FIGURES = ("loss.png", "hellaswag.png", "lr_norm.png", "tok_s.png", "position_embeddings.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -90,13 +92,11 @@ def test_notebooks_share_baselines_and_log_reader():
 
 
 def test_the_training_summary_quotes_the_notebooks_numbers():
-    """train_gpt2.GPT2_SCORES (the end-of-run summary) holds the notebooks' GPT-2 figures, not others."""
-    import train_gpt2
-
+    """settings.GPT2_SCORES (the end-of-run summary) holds the notebooks' GPT-2 figures, not others."""
     namespace = {}
     exec(cells_tagged(read_notebook("play.ipynb"), "baselines")[0], namespace)
     baselines = namespace["BASELINES"]
-    for name, (params, val_loss, acc_norm) in train_gpt2.GPT2_SCORES.items():
+    for name, (params, val_loss, acc_norm) in settings.GPT2_SCORES.items():
         row = next(row for row in baselines.values() if row["params"] == params)
         assert (row["params"], row["val_loss"], row["completion"][1]) == (params, val_loss, acc_norm), name
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 from conftest import TINY, REPO_ROOT, assert_one_line_error, read_log, run_script, script_env, train
 
+import settings
 import train_gpt2 as t
 
 
 def test_the_size_flag_sets_the_shape_and_recipe_of_the_table():
-    for name, recipe in t.GPT2_RECIPES.items():
+    for name, recipe in settings.GPT2_RECIPES.items():
         config = t.parse_config(["--model", name])
-        assert (config.n_layer, config.n_head, config.n_embd) == tuple(t.GPT2_SIZES[name].values())
+        assert (config.n_layer, config.n_head, config.n_embd) == tuple(settings.GPT2_SIZES[name].values())
         assert (config.max_lr, config.total_batch_size, config.warmup_steps, config.max_steps, config.micro_batch_size) == (
             recipe["max_lr"], recipe["total_batch_size"], recipe["warmup_steps"], recipe["max_steps"], recipe["micro_batch_size"])
         fast = t.parse_config(["--model", name, "--preset", "fast"])  # the fast recipe, at this size's own number of steps
@@ -25,8 +26,8 @@ def test_the_size_flag_sets_the_shape_and_recipe_of_the_table():
     medium = t.parse_config(["--model", "gpt2-medium", "--max_lr", "1e-4", "--n_layer", "6"])  # flags given beside it win
     assert (medium.max_lr, medium.n_layer, medium.n_embd) == (1e-4, 6, 1024)
     assert t.parse_config([]).max_steps == 19_073 and t.parse_config(["--preset", "fast"]).max_steps == 8_000  # as before
-    model = t.GPT(t.GPTConfig(**t.GPT2_SIZES["gpt2-medium"]))
-    assert model.num_params() == t.GPT2_SCORES["gpt2-medium"][0]  # the shape is OpenAI's: 354,823,168 parameters
+    model = t.GPT(t.GPTConfig(**settings.GPT2_SIZES["gpt2-medium"]))
+    assert model.num_params() == settings.GPT2_SCORES["gpt2-medium"][0]  # the shape is OpenAI's: 354,823,168 parameters
 
 
 def sharded_runs(shards, tmp_path, optimizer):
@@ -140,6 +141,7 @@ def test_activation_checkpointing_keeps_less_and_changes_no_loss(shakespeare_sha
 MEASURE = '''
 import contextlib, json, sys, torch
 sys.path.insert(0, sys.argv[2])
+import settings
 import train_gpt2 as t
 def rss(field):
     with open("/proc/self/status") as f:
@@ -155,7 +157,7 @@ model.checkpoint_activations = config.activation_checkpointing
 optimizers = t.configure_optimizers(model, config, "cpu")
 for _ in range(3):  # the optimizer's state appears at the first step
     t.train_step(model, optimizers, lambda: (x, x), 1, contextlib.nullcontext(), 1.0, torch.amp.GradScaler("cpu", enabled=False), ddp=False)
-print(rss("VmHWM:") - before, t.estimate_memory(model, config, 1, torch.float32, "cpu").total)
+print(rss("VmHWM:") - before, settings.estimate_memory(model, config, 1, torch.float32, "cpu").total)
 '''
 
 
@@ -188,7 +190,7 @@ def test_out_of_memory_ends_with_one_line_that_says_what_to_change(shakespeare_s
     result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=600)
     last = assert_one_line_error(result, "out of memory with --micro_batch_size 64", "try --micro_batch_size")
     suggested = int(last.split("try --micro_batch_size ")[1].split()[0])
-    estimate = lambda b: t.estimate_memory(t.GPT(t.GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64, vocab_pad_multiple=64)),
+    estimate = lambda b: settings.estimate_memory(t.GPT(t.GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64, vocab_pad_multiple=64)),
                                            t.TrainConfig(block_size=256, micro_batch_size=b, loss="plain"), 1, torch.float32, "cpu")
     assert 64 % suggested == 0 and estimate(suggested).total <= 0.85 * limit < estimate(2 * suggested).total
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, TRAIN, assert_one_line_error, read_log, run_script, script_command, script_env, train
@@ -97,6 +98,32 @@ def test_resume_is_bitwise_exact(shakespeare_shards, tmp_path, recipe):
     checkpoint = t.load_checkpoint(tmp_path / "halves" / f"ckpt_{n:06d}.pt")
     assert {"model", "optimizers", "step", "loader", "rng", "config", "val_loss"} <= checkpoint.keys()
     assert checkpoint["step"] == n and checkpoint["loader"]["windows_taken"] > 0
+
+
+def test_a_checkpoint_in_an_earlier_format_loads_and_resumes(shakespeare_shards, tmp_path):
+    """Checkpoints written by earlier versions (one optimizer under "optimizer"; the loader's windows
+    counted within their epoch, and no list of shards) still load in sample.py and resume exactly. A
+    train shard of 33 windows of 64 tokens is an epoch; the run stops at step 10 (40 windows), in its second."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "s_val_000000.npy").symlink_to(next(shakespeare_shards.glob("*_val_*.npy")))
+    np.save(data / "s_train_000001.npy", np.load(next(shakespeare_shards.glob("*_train_*.npy")))[: 33 * 64 + 1])
+    train(data, tmp_path / "straight", "--max_steps", 12)
+    run = tmp_path / "earlier"
+    train(data, run, "--max_steps", 12, "--stop_after_step", 10)
+    path = run / "ckpt_000010.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    [checkpoint["optimizer"]] = checkpoint.pop("optimizers")  # AdamW, the only optimizer then
+    loader = checkpoint["loader"]
+    assert loader.pop("shards") and loader["epoch"] == 1 and loader["windows_taken"] == 40
+    loader["windows_taken"] -= 33  # within the epoch
+    torch.save(checkpoint, path)
+
+    sample = run_script("sample.py", "--init_from", run, "--prompt", "ROMEO:", "--num_samples", "1", "--max_new_tokens", "4",
+                        "--device", "cpu")
+    assert sample.returncode == 0 and f"{path} (step 10)" in sample.stdout + sample.stderr, sample.stderr
+    train(data, run, "--max_steps", 12, "--resume")
+    assert read_log(run, "train") == read_log(tmp_path / "straight", "train")
 
 
 def test_sigterm_resume_matches_uninterrupted(shakespeare_shards, tmp_path):
