@@ -373,8 +373,8 @@ def width_check(args, data_dir: Path) -> dict:
     ways to scale it by a matrix's shape (adjust_lr_fn), one seed: if the best rate moves with the width,
     every GPT-2 size would need its own."""
     seed, rows = args.seeds[0], []
-    for adjust, lrs in (("original", args.sweep_muon_lrs), ("match_rms_adamw", args.sweep_rms_lrs)):
-        for width in args.widths:
+    for adjust, lrs in (("original", args.sweep_muon_lrs), ("match_rms_adamw", args.sweep_rms_lrs)):  # "" skips one
+        for width in args.widths if lrs else ():
             shape = argparse.Namespace(**{**vars(args), "n_embd": width})
             for muon_lr in lrs:
                 overrides = dict(muon_lr=muon_lr, max_lr=args.max_lr, decay_frac=args.decay_frac, muon_adjust_lr=adjust)
@@ -385,7 +385,7 @@ def width_check(args, data_dir: Path) -> dict:
                 rows.append(dict(adjust_lr_fn=adjust, n_embd=width, muon_lr=muon_lr, **result))
     best = {f"{adjust} n_embd {width}": min((r for r in rows if (r["adjust_lr_fn"], r["n_embd"]) == (adjust, width)),
                                             key=lambda r: r["val_loss"])["muon_lr"]
-            for adjust in ("original", "match_rms_adamw") for width in args.widths}
+            for adjust in {row["adjust_lr_fn"]: None for row in rows} for width in args.widths}
     return dict(rows=rows, best=best)
 
 
@@ -452,7 +452,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep_decay_fracs", type=numbers(float), default=[0.2, 0.4, 0.6], help="at the best muon_lr, max_lr")
     p.add_argument("--widths", type=numbers(int), default=[128, 256], help="--width_check: the widths (n_embd)")
     p.add_argument("--sweep_rms_lrs", type=numbers(float), default=[3e-3, 6e-3, 1.2e-2],
-                   help="--width_check: Muon's learning rates under match_rms_adamw (AdamW-sized)")
+                   help="--width_check: Muon's learning rates under match_rms_adamw (AdamW-sized; \"\" leaves it out)")
     p.add_argument("--sweep_adamw_lrs", type=numbers(float), default=[6e-4, 2e-3, 6e-3],
                    help="the default recipe at these AdamW lrs, for reference (6e-4 is the recipe's own)")
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
