@@ -1,5 +1,7 @@
 """The two training recipes on real text: recipe_proxy.py, shortened to fit the test suite."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,3 +41,17 @@ def test_fast_recipe_beats_the_default_at_equal_tokens(shared_data, tmp_path, on
         config = recipe_proxy.recipe_config(recipe, shards, tmp_path / recipe, args, args.max_steps, seed=0)
         val_loss[recipe] = recipe_proxy.train_and_score(config)["val_loss"]
     assert val_loss["fast"] < val_loss["default"] - MARGIN, val_loss
+
+
+def test_a_run_stopped_early_is_not_recorded_as_a_result(shakespeare_shards, tmp_path, one_thread):
+    """A run that a stop request (SIGTERM, Ctrl-C; here --stop_after_step) ends early must not be cached
+    as the recipe's result: its loss is a shorter run's, and the next sweep would reuse it silently."""
+    config = recipe_proxy.train_gpt2.parse_config([
+        "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "run", "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
+        "--block_size", 32, "--micro_batch_size", 2, "--total_batch_size", 64, "--val_tokens", 64, "--max_steps", 3,
+        "--stop_after_step", 1, "--eval_interval", 0, "--no-hellaswag", "--sample_interval", 0, "--device", "cpu"])
+    with pytest.raises(recipe_proxy.UserError, match="stopped at step 1 of 3"):
+        recipe_proxy.train_and_score(config)
+    assert not (tmp_path / "run" / "result.json").exists()
+    finished = recipe_proxy.train_and_score(dataclasses.replace(config, stop_after_step=0, overwrite=True))
+    assert finished["tokens"] == 3 * 64 and (tmp_path / "run" / "result.json").exists()
