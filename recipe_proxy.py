@@ -130,12 +130,11 @@ def train_and_score(config: train_gpt2.TrainConfig, rerun: bool = False) -> dict
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "stdout.txt", "w") as out, contextlib.redirect_stdout(out):
         train_gpt2.train(config, ddp=False, rank=0, local_rank=0, world_size=1, device=config.device)
-    newest = plumbing.find_latest_checkpoint(log_dir)
-    stopped_at = int(newest.stem.split("_")[1]) if newest else 0
-    if stopped_at != config.max_steps:  # asked to stop (SIGTERM, Ctrl-C): a shorter run's loss is no result
-        raise UserError(f"{log_dir.name} stopped at step {stopped_at} of {config.max_steps}: nothing recorded for it; "
-                        "run the proxy again to train it whole (finished runs are reused)")
     log = plumbing.read_log(log_dir / "log.txt")
+    if not plumbing.checkpoint_path(log_dir, config.max_steps).exists():  # asked to stop (SIGTERM, Ctrl-C)
+        steps_done = max(log.get("train", {}), default=-1) + 1  # a shorter run's loss is no result
+        raise UserError(f"{log_dir.name} stopped at step {steps_done} of {config.max_steps}: nothing recorded for it; "
+                        "run the proxy again to train it whole (finished runs are reused)")
     # Step time from the loop's own tok/s (the optimizer step included, eval and checkpoints not).
     # The median skips the first step (allocator warm-up) and steps slowed by other work on the machine.
     step_seconds = [config.total_batch_size / tok_s for step, tok_s in log["tok_s"].items() if step > 0 or config.max_steps == 1]
