@@ -22,8 +22,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from plumbing import ArgumentParser, UserError, check_writable, peak_flops_for, pick_device, run_main, write_json_atomically
-from train_gpt2 import (GPT, LOSS_CHUNK_ROWS, GPTConfig, TrainConfig, chunked_cross_entropy, configure_optimizers,
-                        find_hellaswag_data, flops_per_token, hellaswag_counts, load_hellaswag, mixed_precision, pick_dtype,
+from train_gpt2 import (GPT, LOSS_CHUNK_ROWS, GPTConfig, Settings, chunked_cross_entropy, configure_optimizers,
+                        find_hellaswag_data, flops_per_token, generate_with_cache, hellaswag_counts, load_hellaswag, mixed_precision, pick_dtype,
                         train_step)
 
 SIZES = {
@@ -92,7 +92,7 @@ def bench_training(config, args, device, dtype, impls) -> dict:
     setups, times, peak_mem = {}, {impl: [] for impl in impls}, {}
     for impl in impls:
         model = build(impl, config, device)
-        optimizers = configure_optimizers(model, TrainConfig(), device.split(":")[0])
+        optimizers = configure_optimizers(model, Settings(), device.split(":")[0])
         _, scaler = mixed_precision(device, dtype)  # a scaler per model: each tracks its own gradients
         setups[impl] = (model, torch.compile(model) if args.compile == "on" else model, optimizers, scaler)
     for i in range(args.warmup + args.steps):
@@ -134,7 +134,10 @@ def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_s
         sync(device)
         t0 = time.perf_counter()
         if impl != "hf":
-            model.generate(prompt, new, temperature=0, use_kv_cache=use_cache, compile_step=compile_step)
+            if use_cache:
+                generate_with_cache(model, prompt, new, temperature=0, compile_step=compile_step)
+            else:
+                model.generate(prompt, new, temperature=0)
         else:
             model.hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
                               pad_token_id=0)
@@ -212,7 +215,7 @@ def finetune_step_memory(config: GPTConfig, batch_size: int, device: str, dtype:
     model = build("ours", config, device)
     if lora_rank:
         add_lora(model, lora_rank, alpha=2.0 * lora_rank)
-    optimizers = configure_optimizers(model, TrainConfig(), device.split(":")[0])
+    optimizers = configure_optimizers(model, Settings(), device.split(":")[0])
     autocast, scaler = mixed_precision(device, dtype)
     x = torch.randint(0, config.vocab_size, (batch_size, config.block_size), device=device)
     for _ in range(3):  # the optimizer's moments appear at the first step

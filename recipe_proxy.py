@@ -28,7 +28,7 @@ one to quote; the speedup over 6e-4 only says that 6e-4 is too low for 200K toke
 The schedules are scaled to the short runs: both recipes warm up over --warmup_frac of the full budget
 (8%: 4 of 48 steps; GPT-3's 4% would be 2 steps here; 8% was chosen, not tuned), and the shorter fast
 runs keep the same 4 warmup steps (warmup steadies the first updates of a fresh model, whatever the
-budget). Everything else is the recipe's own: TrainConfig's defaults, or PRESETS["fast"] with the
+budget). Everything else is the recipe's own: Settings' defaults, or PRESETS["fast"] with the
 learning rates and decay_frac given here.
 
 Shards and runs are cached in --work_dir: a run whose settings match a finished one is not trained
@@ -86,10 +86,10 @@ def prepare_data(data_path, work_dir, val_fraction: float) -> Path:
 # One training run
 
 
-def recipe_config(recipe: str, data_dir, log_dir, args, steps: int, seed: int, **overrides) -> train_gpt2.TrainConfig:
-    """The TrainConfig of one proxy run: the recipe's own settings, the proxy's model, batch and budget.
+def recipe_config(recipe: str, data_dir, log_dir, args, steps: int, seed: int, **overrides) -> train_gpt2.Settings:
+    """The Settings of one proxy run: the recipe's own settings, the proxy's model, batch and budget.
 
-    recipe "default" is TrainConfig's defaults (AdamW, cosine); "fast" is PRESETS["fast"] (Muon, WSD).
+    recipe "default" is Settings' defaults (AdamW, cosine); "fast" is PRESETS["fast"] (Muon, WSD).
     overrides (muon_lr=..., max_lr=..., decay_frac=...) are applied last.
     """
     flags = ["--preset", "fast"] if recipe == "fast" else []
@@ -114,7 +114,7 @@ def warmup_steps(args) -> int:
     return max(1, round(args.warmup_frac * args.max_steps))
 
 
-def train_and_score(config: train_gpt2.TrainConfig, rerun: bool = False) -> dict:
+def train_and_score(config: train_gpt2.Settings, rerun: bool = False) -> dict:
     """Train one run (its output goes to log_dir/stdout.txt), then score its final weights.
 
     Returns {val_loss, seconds_per_step, tokens, wall_seconds}; a result is cached in log_dir/result.json
@@ -150,7 +150,7 @@ def train_and_score(config: train_gpt2.TrainConfig, rerun: bool = False) -> dict
     return result
 
 
-def final_val_loss(log_dir: Path, config: train_gpt2.TrainConfig) -> float:
+def final_val_loss(log_dir: Path, config: train_gpt2.Settings) -> float:
     """The val loss of the run's last checkpoint: the weights after all max_steps updates."""
     model = train_gpt2.load_model(str(log_dir), config.device)
     val_loader = train_gpt2.ValLoader(config.data_dir, config.micro_batch_size, config.block_size, config.val_tokens,
@@ -209,7 +209,7 @@ def compare(args, data_dir: Path) -> dict:
     the shorter budgets; with --tuned_adamw_lr, the default recipe at that AdamW lr as a second baseline."""
     # A budget is at least one step past the warmup; two fractions that round to the same steps are one run.
     fast_steps = sorted({max(warmup_steps(args) + 1, round(f * args.max_steps)) for f in args.fractions} | {args.max_steps})
-    baselines = {f"default (AdamW {train_gpt2.TrainConfig().max_lr:g}, cosine)": {}}
+    baselines = {f"default (AdamW {train_gpt2.Settings().max_lr:g}, cosine)": {}}
     if args.tuned_adamw_lr:
         baselines[f"default at AdamW {args.tuned_adamw_lr:g}"] = dict(max_lr=args.tuned_adamw_lr)
     runs = []
@@ -270,14 +270,14 @@ def time_optimizer_steps(args, repeats: int = 30) -> dict:
     """Seconds per optimizer step of each recipe on the proxy's model (random gradients), timed in
     alternation so that other work on the machine slows both alike. Muon's own cost, free of the
     noise of whole training steps: its Newton-Schulz iterations are a few small matmuls per matrix."""
-    defaults = train_gpt2.TrainConfig()
+    defaults = train_gpt2.Settings()
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                                                 n_embd=args.n_embd, vocab_pad_multiple=defaults.vocab_pad_multiple))
     model.to(args.device)  # where the runs train: the overhead is a ratio to their step time
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     device_type = args.device.split(":")[0]
-    optimizers = {name: train_gpt2.configure_optimizers(model, train_gpt2.TrainConfig(optimizer=name), device_type)
+    optimizers = {name: train_gpt2.configure_optimizers(model, train_gpt2.Settings(optimizer=name), device_type)
                   for name in ("adamw", "muon")}
     seconds = {name: [] for name in optimizers}
 

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from plumbing import ArgumentParser, UserError, available_memory, pick_device, run_main
-from train_gpt2 import encode_prompt, get_tokenizer, load_model, pick_dtype
+from train_gpt2 import encode_prompt, generate_with_cache, get_tokenizer, load_model, pick_dtype
 
 
 def parse_args(argv=None):
@@ -123,8 +123,9 @@ def main(argv=None):
     for label, model in models.items():
         idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
         generator = torch.Generator(device=device).manual_seed(args.seed)  # the same seed for each model
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                             top_p=args.top_p, generator=generator, stop_at_eot=args.stop_at_eot, compile_step=compile_step)
+        out = generate_with_cache(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                                  top_p=args.top_p, generator=generator, stop_at_eot=args.stop_at_eot,
+                                  compile_step=compile_step)
         for i, row in enumerate(out.tolist()):
             if args.stop_at_eot and enc.eot_token in row[len(prompt) :]:
                 row = row[: len(prompt) + row[len(prompt) :].index(enc.eot_token)]

@@ -1,8 +1,10 @@
 """
 What a GPT-2 run is set to do, and whether it can: the presets and rules apart from train_gpt2.py's
-story (whose TrainConfig holds the settings themselves, one field per flag).
+story (whose TrainConfig holds the story's settings, one field per flag, and whose extensions declare
+theirs beside their sections).
 
-  1. GPT-2's four sizes, each one's recipe (--model), and the presets (--preset fast, shakespeare)
+  1. GPT-2's four sizes, each one's recipe (--model), the run's own settings (the folder, the log, when
+     to stop), and the presets (--preset fast, shakespeare)
   2. the checks before any work starts: settings, model files and names, token shards, a resumed
      loader; each refuses bad input in one `error: ...` line that says what to do
   3. the memory a run will need, and which flag to change when it runs out
@@ -12,12 +14,13 @@ It knows GPT-2 (its sizes, its config, its published scores) but imports no file
 than plumbing.py: train_gpt2.py and the scripts import it, never the other way round.
 """
 
+import base64
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +30,10 @@ from torch.nn import functional as F
 
 from plumbing import (MemoryEstimate, UserError, available_memory, check_rules, find_latest_checkpoint, format_duration,
                       human, load_checkpoint, pick_device, progress_bar, quiet_transformers, resolve_reference,
-                      shell_command, shell_double_quoted, split_list)
+                      setting, shell_command, shell_double_quoted, split_list)
 
 # ---------------------------------------------------------------------------------------------------
-# 1. GPT-2's sizes, their recipes, and the presets
+# 1. GPT-2's sizes and their recipes, the run's own settings, the presets
 
 # OpenAI's four GPT-2 sizes (all with block_size 1024, vocab 50257).
 GPT2_SIZES = {
@@ -65,6 +68,30 @@ GPT2_RECIPES = {
     "gpt2-xl": dict(max_lr=6e-4, total_batch_size=2**20, warmup_steps=700, max_steps=25_000, fast_steps=10_500,
                     micro_batch_size=8),
 }
+
+
+@dataclass
+class SizeSettings:
+    model: str = setting("gpt2", "the GPT-2 size to train from scratch: gpt2 (124M), gpt2-medium (350M), gpt2-large "
+                         "(774M), gpt2-xl (1558M); sets its shape and recipe (settings.py), flags given beside it win",
+                         choices=tuple(GPT2_SIZES))
+
+
+# The settings of the run itself, beside the story's (train_gpt2.TrainConfig) and the extensions': how
+# plumbing.Run keeps the folder, the log and the checkpoints, and when it stops.
+@dataclass
+class RunSettings:
+    keep_checkpoints: int = setting(3, "keep the newest K checkpoints", rule="positive")
+    overwrite: bool = setting(False, "delete an earlier run's log and checkpoints in log_dir and start over")
+    stop_after_step: int = setting(0, "stop with a checkpoint after this many steps, as if preempted (0 = run to "
+                                   "max_steps)", rule="non_negative")
+    max_bad_steps: int = setting(5, "stop after this many non-finite losses/gradients in a row", rule="positive")
+    tensorboard: bool = setting(False, "also write log.txt's streams and the samples for TensorBoard, in "
+                                "log_dir/tensorboard")
+    print_settings: bool = setting(False, "print every setting at the start (they are always saved in "
+                                   "train_config.json)")
+    peak_flops: float = setting(0.0, "accelerator peak FLOP/s for MFU (0 = look it up from the device name)",
+                                rule="non_negative_number")
 
 
 def size_defaults(args) -> dict:
@@ -114,6 +141,31 @@ def prepare_quick_start_data(config, master: bool, ddp: bool) -> None:
 # 2. The checks before any work starts
 
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's four matrices (train_gpt2.py, section 12)
+
+# GPT-2's tokenizer: the merge ranks of its byte-pair encoding (a .tiktoken file: each line a token's bytes
+# in base64 and its rank), and how it splits text into words before merging bytes: contractions, letters,
+# digits, punctuation, and whitespace (a run of spaces keeps its last space for the next word, " hello" is
+# one token).
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_tokenizer(ranks_file: Path, eot_token: int):
+    """tiktoken's Encoding of GPT-2 from its ranks file: the same as tiktoken.get_encoding("gpt2"), which
+    would download the ranks on first use."""
+    import tiktoken
+
+    ranks = {}
+    with open(ranks_file, "rb") as f:
+        for line in f:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": eot_token})
+
+
+# The flags that set a new model's shape. A run that starts from another model (--init_from) takes that
+# model's shape instead, and records it in place of theirs.
+SHAPE_SETTINGS = ("n_layer", "n_head", "n_embd")
 
 # What a resumed run must keep from the saved one: the model, the data order, the batches, the optimizer.
 # Everything else may change on --resume (learning rates, max_steps, intervals, ...) and is applied.
@@ -257,8 +309,9 @@ def check_val_shards(loader, paths: list[Path], starts: list, data_dir, vocab_si
             check_tokens(shard[: max(used) + loader.T + 1], paths[i], vocab_size)
 
 
-def check_loader_state(loader, state: dict) -> None:
-    """A resumed loader must cut the same windows from the same shards."""
+def checked_loader_position(loader, state: dict) -> int:
+    """Where a resumed loader starts (the windows all ranks have taken), once it is known to cut the same
+    windows from the same shards."""
     if (state["B"], state["T"], state["seed"]) != (loader.B, loader.T, loader.seed):
         raise UserError(
             f"the checkpoint's data loader used B={state['B']}, T={state['T']}, seed={state['seed']}; "
@@ -271,6 +324,14 @@ def check_loader_state(loader, state: dict) -> None:
             f"{sum(n for _, n in saved):,} tokens then; {len(loader.shard_list)} shards, "
             f"{sum(n for _, n in loader.shard_list):,} tokens now): resume with the run's own --data_dir"
         )
+    if saved is None:  # a checkpoint of an earlier version, which counted windows within the epoch
+        return state["epoch"] * loader.windows_per_epoch + state["windows_taken"]
+    return state["windows_taken"]
+
+
+def optimizer_states(checkpoint: dict) -> list:
+    """The optimizers' states a checkpoint holds (a checkpoint of an earlier version held one, "optimizer")."""
+    return checkpoint.get("optimizers") or [checkpoint["optimizer"]]
 
 
 def load_hf_gpt2(name_or_dir: str):
@@ -362,7 +423,8 @@ def estimate_memory(model, config, world_size: int, dtype: torch.dtype, device: 
     per_layer = B * T * c.n_embd * (8 + 15 * compute)
     layers = B * T * c.n_embd * 4 * c.n_layer + per_layer if config.activation_checkpointing else per_layer * c.n_layer
     fused = config.compile != "off" and device.startswith("cuda") and not config.shard
-    logits = 6 * min(B * T, model.loss_chunk_rows) if model.loss_chunk_rows else (compute if fused else 12) * B * T
+    chunk_rows = getattr(model, "loss_chunk_rows", 0)  # train_gpt2.use_chunked_loss sets it
+    logits = 6 * min(B * T, chunk_rows) if chunk_rows else (compute if fused else 12) * B * T
     activations = layers + logits * c.padded_vocab_size + 2 * B * T * c.n_embd * 4  # + the stream's two ends
     return MemoryEstimate(weights, gradients, optimizer, activations, available_memory(device))
 
@@ -400,8 +462,9 @@ GPT2_SCORES = {
 
 
 def describe_run(config, model, device: str, dtype, use_compile: bool, world_size: int,
-                 grad_accum_steps: int, train_loader, val_loader) -> str:
-    """The settings the run really uses, resolved (the device, not "auto"), in a few lines."""
+                 grad_accum_steps: int, train_loader, val_loader, hellaswag_line: str = "") -> str:
+    """The settings the run really uses, resolved (the device, not "auto"), in a few lines (and the
+    HellaSwag examples it scores, if any)."""
     c = model.config
     if device.startswith("cuda"):
         hardware = f"{torch.cuda.get_device_name(device)} x {world_size} GPU{'s' if world_size > 1 else ''}"
@@ -417,10 +480,10 @@ def describe_run(config, model, device: str, dtype, use_compile: bool, world_siz
     train_tokens = train_loader.windows_per_epoch * config.micro_batch_size * config.block_size
     lines = [
         f"on:     {hardware} | {str(dtype).removeprefix('torch.')} | torch.compile {'on' if use_compile else 'off'} | "
-        f"{'chunked' if model.loss_chunk_rows else 'plain'} loss" + (" | sharded (FSDP2)" if config.shard else "")
+        f"{'chunked' if getattr(model, 'loss_chunk_rows', 0) else 'plain'} loss" + (" | sharded (FSDP2)" if config.shard else "")
         + (" | activation checkpointing" if config.activation_checkpointing else ""),
         f"model:  {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
-        f"block {c.block_size}, vocab {c.padded_vocab_size}) from {model.source}",
+        f"block {c.block_size}, vocab {c.padded_vocab_size}) from {getattr(model, 'source', 'a new GPT')}",
         f"data:   {config.data_dir}/: {human(train_tokens)} train tokens in {len(train_loader.shards)} shard(s); "
         f"{human(val_loader.total_tokens)} val tokens per eval",
         f"recipe: {recipe}",
@@ -430,11 +493,12 @@ def describe_run(config, model, device: str, dtype, use_compile: bool, world_siz
         f"memory: {estimate_memory(model, config, world_size, dtype, device).describe()}",
         f"every setting: {Path(config.log_dir) / 'train_config.json'} (--print_settings prints them here)",
     ]
-    if model.lora:
+    lora = getattr(model, "lora", None)  # train_gpt2.lora_settings
+    if lora:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lines.insert(2, f"LoRA:   rank {model.lora['rank']}, alpha {model.lora['alpha']:g} on {','.join(model.lora['targets'])}: "
+        lines.insert(2, f"LoRA:   rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}: "
                         f"{trainable:,} trainable parameters ({100 * trainable / model.num_params():.2f}%), the rest frozen")
-    return "\n".join(lines)
+    return "\n".join(lines + [hellaswag_line] if hellaswag_line else lines)
 
 
 def run_summary(config, model, step: int, steps_done: int, seconds: float, val_loss, acc_norm,
@@ -460,7 +524,7 @@ def run_summary(config, model, step: int, steps_done: int, seconds: float, val_l
     if not finished:
         lines.append("continue: the same command with --resume")
     folder = f"{log_dir}/"
-    export = f"from train_gpt2 import load_model; load_model({folder!r}).save_hf('my-gpt2')"
+    export = f"from train_gpt2 import load_model, save_hf; save_hf(load_model({folder!r}), 'my-gpt2')"
     lines += ["next:",  # commands to paste: a folder with a space or a quote in its name is quoted
               f"  {shell_command('python', 'sample.py', '--init_from', folder):<56}  # talk to it",
               f"  {shell_command('python', 'hellaswag.py', '--model', folder):<56}  # HellaSwag on all 10,042 examples",

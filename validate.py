@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from plumbing import ArgumentParser, UserError, pick_device, run_main
-from train_gpt2 import CONV1D_WEIGHTS, GPT, get_tokenizer, load_model, quiet_transformers
+from train_gpt2 import CONV1D_WEIGHTS, GPT, get_tokenizer, load_model, quiet_transformers, save_hf
 
 PROMPTS = [
     "Hello, I'm a language model,",
@@ -109,7 +109,7 @@ def main(argv=None):
         hf_source, reference = args.model, f"Hugging Face's GPT2LMHeadModel on the same weights ({args.model})"
         if not (Path(args.model) / "config.json").exists() and Path(args.model).exists():
             # Our checkpoint: the reference is its own export, which checks the export path, not the weights.
-            model.save_hf(tmp)
+            save_hf(model, tmp)
             hf_source, reference = tmp, "its own export, loaded by Hugging Face's GPT2LMHeadModel"
             print(f"comparing {model.source} with its Hugging Face export (save_hf), loaded by GPT2LMHeadModel")
         with quiet_transformers():

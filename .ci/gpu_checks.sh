@@ -149,10 +149,10 @@ model = t.decoding_copy(t.GPT(t.GPTConfig(**shape, vocab_pad_multiple=64)).to(de
 B, new = 4, 256 if gpu else 16
 prompt = torch.randint(0, 50257, (B, 10), device=device)
 for _ in range(2):  # compile every width of the cache, capture the CUDA graphs
-    model.generate(prompt, new, temperature=0, compile_step=gpu)
+    t.generate_with_cache(model, prompt, new, temperature=0, compile_step=gpu)
 sync()
 start = time.perf_counter()
-model.generate(prompt, new, temperature=0, compile_step=gpu)
+t.generate_with_cache(model, prompt, new, temperature=0, compile_step=gpu)
 sync()
 whole = time.perf_counter() - start
 decoder = t.kv_decoder(model, B, device)
@@ -166,7 +166,7 @@ sync()
 steps = (time.perf_counter() - start) / (new - 1)
 activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
 with torch.profiler.profile(activities=activities) as profile:
-    model.generate(prompt, 64, temperature=0, compile_step=gpu)
+    t.generate_with_cache(model, prompt, 64, temperature=0, compile_step=gpu)
     sync()
 events = profile.key_averages()
 print(events.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total", row_limit=25))
@@ -199,7 +199,7 @@ assert worst < 1e-3, worst
 for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
     decoder = t.decoding_copy(model, dtype)
     for sampling in (dict(temperature=0), dict(temperature=0.8, top_k=50))[: 2 if dtype == torch.float32 else 1]:
-        outs = [decoder.generate(prompt, new_tokens, compile_step=compiled, generator=torch.Generator(device).manual_seed(1), **sampling)
+        outs = [t.generate_with_cache(decoder, prompt, new_tokens, compile_step=compiled, generator=torch.Generator(device).manual_seed(1), **sampling)
                 for compiled in (False, True, True)]
         assert outs[1].tolist() == outs[2].tolist(), f"the replayed compiled step differs: {dtype} {sampling}"
         if dtype == torch.float32 or outs[0].tolist() == outs[1].tolist():
@@ -211,11 +211,12 @@ for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.flo
         assert top[0] - top[1] <= 2 ** -6, f"compiled bf16 decode parts from eager at a margin of {top[0] - top[1]:.4f}"
 model.train()
 x, y = torch.randint(0, 50257, (8, 256), device=device), torch.randint(0, 50257, (8, 256), device=device)
-compiled, _ = t.compile_model(model) if device == "cuda" else (model, None)
 losses = []
-for chunk_rows in (0, t.LOSS_CHUNK_ROWS):  # the chunked loss == the plain loss, compiled, bf16
+for chunked in (False, True):  # the chunked loss == the plain loss, compiled, bf16
     model.zero_grad(set_to_none=True)
-    model.loss_chunk_rows = chunk_rows
+    if chunked:
+        t.use_chunked_loss(model)
+    compiled, _ = t.compile_model(model) if device == "cuda" else (model, None)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         _, loss = compiled(x, y)
     loss.backward()

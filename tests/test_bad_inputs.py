@@ -84,15 +84,15 @@ def files(tmp_path_factory, shakespeare_shards, shared_data):
     paths["bad_hellaswag"].write_bytes(good_line + b'{"ctx": "\xff\xfe"}\n')
     paths["a_file"].write_text("a file where a folder should be")
     torch.manual_seed(0)
-    t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).save_hf(paths["hf"])
+    t.save_hf(t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)), paths["hf"])
     train(shakespeare_shards, paths["earlier"], "--max_steps", "1")  # a finished run: must survive every case
     checkpoint = torch.load(next(paths["earlier"].glob("ckpt_*.pt")), weights_only=True)
     checkpoint["model_config"]["n_layer"] = "2"  # a value of the wrong type
     torch.save(checkpoint, paths["bad_config"])
-    t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).save_hf(paths["cut_safetensors"])
+    t.save_hf(t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)), paths["cut_safetensors"])
     weights = paths["cut_safetensors"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)).save_hf(paths["pickled_bin"])
+    t.save_hf(t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)), paths["pickled_bin"])
     (paths["pickled_bin"] / "model.safetensors").unlink()
     torch.save({"weights": argparse.Namespace(a=1)}, paths["pickled_bin"] / "pytorch_model.bin")  # a pickled object
     return paths

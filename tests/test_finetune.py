@@ -88,7 +88,7 @@ def test_lora_trains_only_its_adapters_then_merges_into_a_plain_gpt2(shakespeare
     assert sum(trainable.values()) == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)) == 4096
     assert all(name.endswith(("lora_A", "lora_B")) for name in trainable)
 
-    optimizers = t.configure_optimizers(model, t.TrainConfig(max_lr=1e-2), "cpu")
+    optimizers = t.configure_optimizers(model, t.Settings(max_lr=1e-2), "cpu")
     t.set_lr(optimizers, 1.0)  # the peak: 1e-2
     assert sum(p.numel() for group in optimizers[0].param_groups for p in group["params"]) == 4096  # no state for frozen weights
     loader, val = t.TrainLoader(shakespeare_shards, 8, 32, seed=0), t.ValLoader(shakespeare_shards, 8, 32, val_tokens=4096)
@@ -109,7 +109,7 @@ def test_lora_trains_only_its_adapters_then_merges_into_a_plain_gpt2(shakespeare
         adapted_logits, merged_logits = model.eval()(tokens)[0], merged(tokens)[0]
         scale = adapted_logits.abs().max()  # about 60: float32 resolves ~4e-6 there
         assert (adapted_logits - merged_logits).abs().max() <= 1e-5 * scale
-        merged.save_hf(tmp_path / "export")
+        t.save_hf(merged, tmp_path / "export")
         exported = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
         assert (exported(tokens).logits - merged_logits).abs().max() <= 1e-5 * scale
 
@@ -142,8 +142,8 @@ def test_a_lora_run_resumes_exactly_runs_under_ddp_and_its_checkpoint_works_ever
 
     run = tmp_path / "straight"
     model = t.load_model(str(run))  # merged: a plain GPT-2
-    assert model.lora is None and "LoRA rank 4" in model.source
-    model.save_hf(tmp_path / "export")
+    assert t.lora_settings(model) is None and "LoRA rank 4" in model.source
+    t.save_hf(model, tmp_path / "export")
     tokens = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
         ours, theirs = model(tokens)[0], GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()(tokens).logits

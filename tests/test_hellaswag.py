@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from plumbing import UserError, download
 from train_gpt2 import (GPT, NUM_ENDINGS, GPTConfig, find_hellaswag_data, get_tokenizer, hellaswag_counts, hellaswag_losses,
-                        load_hellaswag, make_batches)
+                        load_hellaswag, make_batches, save_hf)
 from conftest import assert_one_line_error, run_script
 
 N_EXAMPLES = 200  # the first 200 validation examples; their longest rendering is 93 tokens
@@ -55,7 +55,7 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tiny_model, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("tiny_hf")
-    tiny_model.save_hf(out_dir)
+    save_hf(tiny_model, out_dir)
     return out_dir
 
 

@@ -1,6 +1,7 @@
 """The tutorial's layout: the story first in train_gpt2.py, and no two files of the project importing each other."""
 
 import ast
+import re
 
 from conftest import REPO_ROOT
 
@@ -34,11 +35,35 @@ def test_the_plumbing_imports_no_project_file_and_nothing_imports_back():
 
 
 def test_train_gpt2_tells_the_story_first():
-    """Where a reader meets each part (build-nanogpt: attention at line 12, GPT at 79, the loop at 376)."""
+    """Where a reader meets each part (build-nanogpt: attention at line 12, GPT at 79, the loop at 376), and
+    Part I, the lecture's trainer, ending with its loop before line 750."""
     lines = (REPO_ROOT / "train_gpt2.py").read_text().splitlines()
     first = lambda prefix: next(i for i, line in enumerate(lines, 1) if line.startswith(prefix))  # noqa: E731
     assert first("class CausalSelfAttention") <= 150
     assert first("class GPT(") <= 300
-    assert first("class TrainLoader") < first("def lr_schedule") < first("def train(") < first("# Part II")
-    assert first("        for step in range(") <= 900
-    assert len(lines) <= 1550
+    assert first("class TrainLoader") < first("class TrainConfig") < first("def lr_schedule") < first("def train(")
+    assert first("        for step in range(") < first("# Part II") <= 750
+    assert len(lines) <= 1700
+    part_one = lines[: first("# Part II")]
+    assert sum(len(line) > 110 for line in part_one) <= 10  # a reader never scrolls sideways
+
+
+def test_the_model_is_the_lectures_and_the_settings_are_the_storys():
+    """The model classes carry no extension: no argument, attribute or comment of a Part II section, and
+    GPT.forward is build-nanogpt's ~20 lines; TrainConfig holds the story's settings only."""
+    source = (REPO_ROOT / "train_gpt2.py").read_text()
+    tree = ast.parse(source)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    for name in ("CausalSelfAttention", "MLP", "Block", "GPT"):
+        for method in (n for n in classes[name].body if isinstance(n, ast.FunctionDef)):
+            if method.name == "forward":
+                assert [a.arg for a in method.args.args] == (["self", "idx", "targets"] if name == "GPT" else ["self", "x"])
+        text = ast.get_source_segment(source, classes[name])
+        assert not re.search(r"section 1\d|Part II|kv_cache|lora|chunk|checkpoint_activations", text), name
+    forward = next(n for n in classes["GPT"].body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    assert forward.end_lineno - forward.lineno + 1 <= 25
+    config = classes["TrainConfig"]
+    assert config.end_lineno - config.lineno + 1 <= 45
+    fields = [n.target.id for n in config.body if isinstance(n, ast.AnnAssign)]
+    assert 25 <= len(fields) <= 35 and not any(f.startswith(("lora", "muon", "hellaswag")) for f in fields)
+    assert not {"optimizer", "schedule", "shard", "loss", "tensorboard", "model"} & set(fields)

@@ -65,7 +65,7 @@ def test_export_round_trip_to_hugging_face(vocab_pad_multiple, tmp_path):
     config = t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=48, vocab_pad_multiple=vocab_pad_multiple)
     model = t.GPT(config).eval()
     assert model.transformer.wte.weight.size(0) == (50304 if vocab_pad_multiple == 64 else 50257)
-    model.save_hf(tmp_path)
+    t.save_hf(model, tmp_path)
 
     hf_model = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert hf_model.config.vocab_size == 50257
@@ -86,30 +86,31 @@ def test_chunked_loss_equals_the_plain_loss(vocab_pad_multiple):
     """The memory-saving loss (F.linear_cross_entropy, a chunk of rows at a time) gives the loss and every
     gradient of the plain classifier + F.cross_entropy: in fp32, under bf16 autocast, without gradients,
     and traced by torch.compile."""
-    torch.manual_seed(0)
-    model = t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, vocab_pad_multiple=vocab_pad_multiple))
     x, y = torch.randint(0, 50257, (4, 64)), torch.randint(0, 50257, (4, 64))
 
     def loss_and_grads(chunk_rows, dtype=None, compiled=False):
-        model.zero_grad(set_to_none=True)
-        model.loss_chunk_rows = chunk_rows  # 100: chunks of 100, 100 and 56 rows
+        torch.manual_seed(0)  # the same weights every time
+        model = t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, vocab_pad_multiple=vocab_pad_multiple))
+        if chunk_rows:
+            t.use_chunked_loss(model, chunk_rows)  # 100: chunks of 100, 100 and 56 rows
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             _, loss = (torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model)(x, y)
         (loss / 4).backward()  # a grad_output other than 1, as gradient accumulation sends
-        return loss.detach(), [p.grad for p in model.parameters()]
+        return loss.detach(), [p.grad for p in model.parameters()], model
 
-    plain_loss, plain_grads = loss_and_grads(0)
-    for chunked_loss, chunked_grads in (loss_and_grads(100), loss_and_grads(8192), loss_and_grads(100, compiled=True)):
+    plain_loss, plain_grads, _ = loss_and_grads(0)
+    for chunked_loss, chunked_grads, model in (loss_and_grads(100), loss_and_grads(8192), loss_and_grads(100, compiled=True)):
         torch.testing.assert_close(chunked_loss, plain_loss, rtol=1e-6, atol=1e-6)
         for chunked, plain in zip(chunked_grads, plain_grads, strict=True):
             torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-8)
-    bf16_plain, bf16_plain_grads = loss_and_grads(0, torch.bfloat16)
-    bf16_chunked, bf16_chunked_grads = loss_and_grads(100, torch.bfloat16)
+    bf16_plain, bf16_plain_grads, _ = loss_and_grads(0, torch.bfloat16)
+    bf16_chunked, bf16_chunked_grads, _ = loss_and_grads(100, torch.bfloat16)
     torch.testing.assert_close(bf16_chunked, bf16_plain, rtol=1e-3, atol=1e-3)
     for chunked, plain in zip(bf16_chunked_grads, bf16_plain_grads, strict=True):
         assert (chunked - plain).abs().max() <= 2e-2 * plain.abs().max()  # bf16 keeps 8 bits of mantissa
-    with torch.no_grad():
+    with torch.no_grad():  # the chunked model, without gradients
         torch.testing.assert_close(model(x, y)[1], plain_loss, rtol=1e-6, atol=1e-6)
+        assert model(x)[0].shape == (4, 64, 50257)  # without targets: the logits, as GPT.forward gives them
 
 
 def test_padded_vocab_is_never_sampled():
@@ -137,9 +138,9 @@ def test_kv_cache_generation_equals_full_recomputation(sampling):
     model = tiny_model()
     prompt = torch.randint(0, 50257, (3, 7))
     outputs = []
-    for use_kv_cache in (True, False):
+    for generate in (t.generate_with_cache, t.GPT.generate):
         generator = torch.Generator().manual_seed(123)
-        outputs.append(model.generate(prompt, 40, generator=generator, use_kv_cache=use_kv_cache, **sampling))
+        outputs.append(generate(model, prompt, 40, generator=generator, **sampling))
     assert outputs[0].shape == (3, 47)
     assert outputs[0].tolist() == outputs[1].tolist()
 
@@ -154,7 +155,7 @@ def test_kv_cache_chunked_prefill_matches_one_pass(fixed_shapes):
         full, _ = model(tokens)
         cache = t.KVCache(model.config, batch_size=2)
         cache.reset(fixed_shapes)
-        parts = [model(tokens[:, a:b], kv_cache=cache)[0] for a, b in [(0, 10), (10, 11), (11, 30)]]
+        parts = [t.forward_with_cache(model, tokens[:, a:b], cache, last_only=False) for a, b in [(0, 10), (10, 11), (11, 30)]]
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
 
 
@@ -186,8 +187,9 @@ def test_stop_at_end_of_text():
         model.transformer.ln_f.bias[0] = 1.0
         model.lm_head.weight.zero_()
         model.lm_head.weight[t.EOT_TOKEN, 0] = 30.0  # e^30 outweighs 50,256 tokens at e^0
-    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 30, temperature=1.0, stop_at_eot=True)
-    assert out.shape == (2, 4) and out[:, -1].tolist() == [t.EOT_TOKEN] * 2
+    for generate in (t.GPT.generate, t.generate_with_cache):
+        out = generate(model, torch.zeros(2, 3, dtype=torch.long), 30, temperature=1.0, stop_at_eot=True)
+        assert out.shape == (2, 4) and out[:, -1].tolist() == [t.EOT_TOKEN] * 2
 
 
 @pytest.mark.parametrize("prompt_length", [50, 80])  # the block fills while sampling; the prompt alone overfills it
@@ -201,8 +203,8 @@ def test_generation_past_block_size_crops_the_context(prompt_length):
         for _ in range(30):
             logits, _ = model(expected[:, -64:])
             expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    for use_kv_cache in (True, False):
-        out = model.generate(prompt, 30, temperature=0, use_kv_cache=use_kv_cache)
+    for generate in (t.generate_with_cache, t.GPT.generate):
+        out = generate(model, prompt, 30, temperature=0)
         assert out.tolist() == expected.tolist()
 
 
@@ -216,8 +218,8 @@ def test_compiled_decode_step_gives_the_same_tokens():
     model = tiny_model(block_size=32, n_layer=1)
     prompt = torch.randint(0, 50257, (3, 5))
     for sampling in (dict(temperature=0), dict(temperature=0.9, top_k=40)):
-        outputs = [model.generate(prompt, 40, generator=torch.Generator().manual_seed(5), compile_step=compiled, **sampling)
-                   for compiled in (False, True)]
+        outputs = [t.generate_with_cache(model, prompt, 40, generator=torch.Generator().manual_seed(5), compile_step=compiled,
+                                         **sampling) for compiled in (False, True)]
         assert outputs[0].shape == (3, 45) and outputs[0].tolist() == outputs[1].tolist()
     assert counters["stats"]["unique_graphs"] == 1  # compiled once for this batch size, not per position
     # A longer block: attention reads 64, then 128, then all 160 slots as they fill; the same tokens,
@@ -225,7 +227,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
     torch._dynamo.reset()
     counters.clear()
     model = tiny_model(block_size=160, n_layer=1)
-    outputs = [model.generate(prompt, 150, temperature=0, compile_step=compiled) for compiled in (False, True)]
+    outputs = [t.generate_with_cache(model, prompt, 150, temperature=0, compile_step=compiled) for compiled in (False, True)]
     assert outputs[0].shape == (3, 155) and outputs[0].tolist() == outputs[1].tolist()
     assert counters["stats"]["unique_graphs"] <= 3
 
@@ -353,7 +355,7 @@ def test_sampling_in_bf16_casts_no_weight_per_token():
                       if node.target in (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
                       and node.args[0] in inputs and node.args[0].meta["val"].dim() == 2])
 
-    config = t.TrainConfig(num_samples=2, sample_prompt="Hello", sample_tokens=6)
+    config = t.Settings(num_samples=2, sample_prompt="Hello", sample_tokens=6)
     with torch._inductor.config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):
         texts, sampler = t.write_samples(model, config, torch.bfloat16, compile_step=True)
     assert casts == [[]], casts  # one graph, the decode step, and no weight cast in it

@@ -55,7 +55,7 @@ def test_a_full_disk_during_a_save_loses_nothing(shakespeare_shards, tmp_path):
     """The temp file of a checkpoint lands on /dev/full (a real ENOSPC): one clear line, no temp file
     left, and the previous checkpoint intact."""
     model = t.GPT(t.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
-    config = t.TrainConfig(log_dir=str(tmp_path))
+    config = t.Settings(log_dir=str(tmp_path))
     optimizers = t.configure_optimizers(model, config, "cpu")
     loader = t.TrainLoader(shakespeare_shards, 2, 32)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -93,7 +93,7 @@ def test_resume_applies_and_prints_changed_settings(shakespeare_shards, tmp_path
     assert "applying settings changed since the saved run: --max_lr 0.001 -> 0.0005, --beta2 0.95 -> 0.99" in result.stdout
     (adamw,) = t.load_checkpoint(tmp_path / "ckpt_000008.pt")["optimizers"]
     assert {(g["peak_lr"], g["betas"]) for g in adamw["param_groups"]} == {(5e-4, (0.9, 0.99))}
-    config = t.TrainConfig(max_lr=5e-4, warmup_steps=3, max_steps=8)
+    config = t.Settings(max_lr=5e-4, warmup_steps=3, max_steps=8)
     assert read_log(tmp_path, "lr")[6] == pytest.approx(5e-4 * t.lr_schedule(6, config), rel=1e-6)
 
 
@@ -151,7 +151,7 @@ def test_mfu_peak_is_looked_up_by_whole_words(name, flops):
 def test_weights_stay_tied_after_loading(shakespeare_shards, tmp_path):
     """The classifier and the token embedding are one tensor in every model that comes back from disk."""
     train(shakespeare_shards, tmp_path, "--max_steps", "2", "--stop_after_step", "1")
-    for model in (t.load_model(str(tmp_path)), t.build_model(t.TrainConfig(), t.load_checkpoint(tmp_path / "ckpt_000001.pt"))):
+    for model in (t.load_model(str(tmp_path)), t.build_model(t.Settings(), t.load_checkpoint(tmp_path / "ckpt_000001.pt"))):
         assert model.lm_head.weight is model.transformer.wte.weight
 
 
@@ -206,7 +206,7 @@ def test_a_pretrained_run_records_its_model_shape_and_resumes(shakespeare_shards
     defaults (12 layers), and --resume is not refused over the difference."""
     import json
 
-    t.GPT(t.GPTConfig(block_size=64, n_layer=3, n_head=2, n_embd=32)).save_hf(tmp_path / "hf")
+    t.save_hf(t.GPT(t.GPTConfig(block_size=64, n_layer=3, n_head=2, n_embd=32)), tmp_path / "hf")
     shapeless = [flag for i, flag in enumerate(TINY) if flag not in ("--n_layer", "--n_head", "--n_embd")
                  and TINY[i - 1] not in ("--n_layer", "--n_head", "--n_embd")]  # the flags' defaults: 12 layers
 

@@ -35,7 +35,7 @@ def test_a_run_prints_its_resolved_settings_and_a_summary(shakespeare_shards, tm
 
 def test_the_summary_puts_a_gpt2_sized_model_beside_openais():
     model = t.GPT(t.GPTConfig(vocab_pad_multiple=64))
-    summary = t.run_summary(t.TrainConfig(max_steps=10), model, 7, 7, 60.0, 3.31, 0.2912, finished=False)
+    summary = t.run_summary(t.Settings(max_steps=10), model, 7, 7, 60.0, 3.31, 0.2912, finished=False)
     assert "stopped: step 7 of 10" in summary and "continue: the same command with --resume" in summary
     assert "val loss 3.3100 (OpenAI's gpt2: 3.2924 on FineWeb-Edu's val shard)" in summary
     assert "HellaSwag acc_norm 0.2912 (OpenAI's gpt2: 0.2955)" in summary
@@ -46,7 +46,7 @@ def test_the_summary_puts_a_gpt2_sized_model_beside_openais():
 def test_eta_counts_the_evaluations_samples_and_checkpoints_still_due(max_steps, eval_interval, sample_interval,
                                                                      checkpoint_interval):
     """eta_seconds against a plain count of what the loop will do after each step."""
-    config = t.TrainConfig(max_steps=max_steps, eval_interval=eval_interval, sample_interval=sample_interval,
+    config = t.Settings(max_steps=max_steps, eval_interval=eval_interval, sample_interval=sample_interval,
                            checkpoint_interval=checkpoint_interval)
     seconds = dict(step=1.0, eval=10.0, sample=100.0, checkpoint=1000.0)
     for step in range(0, max_steps, max(1, max_steps // 40)):

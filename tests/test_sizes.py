@@ -76,7 +76,7 @@ def test_a_sharded_checkpoint_resumes_anywhere_and_loads_everywhere(shakespeare_
     checkpoint = t.load_checkpoint(tmp_path / "straight" / "ckpt_000006.pt")
     assert all(type(v) is torch.Tensor for v in checkpoint["model"].values())  # full tensors, no shards
     model = t.load_model(str(tmp_path / "straight"))
-    model.save_hf(tmp_path / "hf")
+    t.save_hf(model, tmp_path / "hf")
     tokens = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         assert (GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()(tokens).logits - model(tokens)[0]).abs().max() <= 1e-5
@@ -120,11 +120,12 @@ dist.destroy_process_group()
 def test_activation_checkpointing_keeps_less_and_changes_no_loss(shakespeare_shards, tmp_path):
     """A forward pass with checkpointing keeps a fraction of the activations for backward (counted with
     saved_tensors_hooks); a run with it logs bitwise the losses and gradient norms of a run without."""
-    model = t.GPT(t.GPTConfig(block_size=64, n_layer=4, n_head=2, n_embd=64))
     x = torch.randint(0, 50257, (4, 64))
     kept = {}
     for checkpointing in (False, True):
-        model.checkpoint_activations = checkpointing
+        model = t.GPT(t.GPTConfig(block_size=64, n_layer=4, n_head=2, n_embd=64))
+        if checkpointing:
+            t.checkpoint_activations(model)
         sizes = []
         keep = lambda t: sizes.append(0 if {50257, 50304} & set(t.shape) else t.numel() * t.element_size()) or t  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
@@ -147,13 +148,15 @@ def rss(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
 args = json.loads(sys.argv[1])
-config = t.TrainConfig(**args["config"])
+config = t.Settings(**args["config"])
 x = torch.randint(0, 50257, (config.micro_batch_size, config.block_size))
 before = rss("VmRSS:")  # torch and its libraries: not the run's
 model = t.GPT(t.GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
                           vocab_pad_multiple=64))
-model.loss_chunk_rows = t.LOSS_CHUNK_ROWS if args["chunked"] else 0
-model.checkpoint_activations = config.activation_checkpointing
+if args["chunked"]:
+    t.use_chunked_loss(model)
+if config.activation_checkpointing:
+    t.checkpoint_activations(model)
 optimizers = t.configure_optimizers(model, config, "cpu")
 for _ in range(3):  # the optimizer's state appears at the first step
     t.train_step(model, optimizers, lambda: (x, x), 1, contextlib.nullcontext(), 1.0, torch.amp.GradScaler("cpu", enabled=False), ddp=False)
@@ -191,7 +194,7 @@ def test_out_of_memory_ends_with_one_line_that_says_what_to_change(shakespeare_s
     last = assert_one_line_error(result, "out of memory with --micro_batch_size 64", "try --micro_batch_size")
     suggested = int(last.split("try --micro_batch_size ")[1].split()[0])
     estimate = lambda b: settings.estimate_memory(t.GPT(t.GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64, vocab_pad_multiple=64)),
-                                           t.TrainConfig(block_size=256, micro_batch_size=b, loss="plain"), 1, torch.float32, "cpu")
+                                           t.Settings(block_size=256, micro_batch_size=b, loss="plain"), 1, torch.float32, "cpu")
     assert 64 % suggested == 0 and estimate(suggested).total <= 0.85 * limit < estimate(2 * suggested).total
 
 

@@ -35,12 +35,12 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_learning_rate_schedules():
     """cosine (the default, GPT-3's) and wsd: warmup, then constant until the last decay_frac of the
     steps, then a straight line down; both end at min_lr_ratio."""
-    c = t.TrainConfig()
+    c = t.Settings()
     factor = lambda step: t.lr_schedule(step, c)
     assert factor(0) == pytest.approx(1 / 715) and factor(714) == factor(715) == pytest.approx(1.0)
     assert factor((715 + 19073) // 2) == pytest.approx(0.55, rel=1e-3)  # halfway: the mean of 1 and 0.1
     assert factor(19073) == pytest.approx(0.1)
-    c = t.TrainConfig(schedule="wsd", warmup_steps=10, max_steps=100, decay_frac=0.3, min_lr_ratio=0.0)
+    c = t.Settings(schedule="wsd", warmup_steps=10, max_steps=100, decay_frac=0.3, min_lr_ratio=0.0)
     assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # warmup
     assert {factor(s) for s in range(10, 71)} == {1.0}  # the stable phase: 10 .. 70
     assert [factor(s) for s in (70, 85, 99, 100)] == pytest.approx([1.0, 0.5, 1 / 30, 0.0])  # the decay: 70 -> 100
@@ -168,7 +168,7 @@ def test_bad_configs_give_one_line_errors(shakespeare_shards, tmp_path):
 
 def test_fine_tune_from_a_hugging_face_directory(shakespeare_shards, tmp_path):
     source = t.GPT(t.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
-    source.save_hf(tmp_path / "hf")
+    t.save_hf(source, tmp_path / "hf")
     result = train(shakespeare_shards, tmp_path / "run", "--init_from", tmp_path / "hf", "--max_steps", "2")
     assert "model: " in result.stdout
     model = t.load_model(str(tmp_path / "run"))
@@ -206,7 +206,7 @@ def test_muon_trains_exactly_the_block_matrices():
     """--optimizer muon: torch.optim.Muon gets the four weight matrices of every block, AdamW the rest
     (the tied token embedding/classifier, the position embeddings, every bias and LayerNorm)."""
     model = t.GPT(t.GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32))
-    adamw, muon = t.configure_optimizers(model, t.TrainConfig(optimizer="muon"), "cpu")
+    adamw, muon = t.configure_optimizers(model, t.Settings(optimizer="muon"), "cpu")
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
     muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
@@ -216,7 +216,7 @@ def test_muon_trains_exactly_the_block_matrices():
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"} <= adamw_names
     assert muon.param_groups[0]["lr"] == 0.02 and adamw.param_groups[0]["lr"] == 6e-4
     # AdamW alone (the default) has every parameter; weight decay on the matrices and embeddings only.
-    (adamw,) = t.configure_optimizers(model, t.TrainConfig(), "cpu")
+    (adamw,) = t.configure_optimizers(model, t.Settings(), "cpu")
     decayed = {names[id(p)] for group in adamw.param_groups if group["weight_decay"] for p in group["params"]}
     assert decayed == {name for name, p in model.named_parameters() if p.dim() == 2}
     assert all(group["weight_decay"] == 0 for group in adamw.param_groups if not {names[id(p)] for p in group["params"]} & decayed)
@@ -245,7 +245,7 @@ def test_training_graph_stays_static_after_evaluation_and_hellaswag(shakespeare_
     t.hellaswag_counts(evaluator, t.load_hellaswag(shared_data / "hellaswag_val.jsonl", limit=12), "cpu", batch_size=2)
     assert any(symbolic for grad, symbolic in graphs if not grad)  # evaluation did meet other shapes
     loader = t.TrainLoader(shakespeare_shards, 2, 32)
-    optimizers = t.configure_optimizers(model, t.TrainConfig(), "cpu")
+    optimizers = t.configure_optimizers(model, t.Settings(), "cpu")
     for _ in range(3):
         t.train_step(compiled, optimizers, loader.next_batch, 2, no_autocast, 1.0, scaler, ddp=False)
     assert [symbolic for grad, symbolic in graphs if grad] == [False]  # one training graph, fixed shapes
@@ -260,3 +260,15 @@ def test_one_process_under_torchrun_runs_without_ddp(monkeypatch):
         monkeypatch.setenv(name, value)
     assert t.setup_distributed("cpu") == (False, 0, 0, 1, "cpu")
     assert not dist.is_initialized()
+
+
+def test_auto_dtype_is_float16_with_the_scaler_on_a_gpu_without_native_bf16(monkeypatch):
+    """A T4 or V100 (before Ampere) only emulates bf16, far slower, though torch.cuda.is_bf16_supported()
+    counts emulation by default: "auto" must pick float16 there, which trains with the gradient scaler."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert t.pick_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100, H100
+    assert t.pick_dtype("auto", "cuda") == torch.bfloat16
+    assert t.pick_dtype("auto", "cpu") == torch.float32
+    _, scaler = t.mixed_precision("cpu", torch.float16)
+    assert scaler.is_enabled() and not t.mixed_precision("cpu", torch.bfloat16)[1].is_enabled()
