@@ -156,9 +156,13 @@ def time_generate(generate, batch_size: int, new_tokens: int, device: str) -> di
 
 @torch.no_grad()
 def decode_speeds(model, cases, device: str, compile_step: bool) -> list[dict]:
-    """time_generate of our model's greedy generate() for each (batch size, new tokens) of `cases`."""
+    """time_generate of our model's greedy generate() for each (batch size, new tokens) of `cases`. Each new
+    batch size starts from a fresh torch.compile, as in a process of its own: its decode step would otherwise
+    be recompiled for a dynamic batch and could reach dynamo's limit of recompiles (then run uncompiled)."""
     speeds = []
-    for batch_size, new_tokens in cases:
+    for i, (batch_size, new_tokens) in enumerate(cases):
+        if i and batch_size != cases[i - 1][0]:
+            torch.compiler.reset()
         prompt = torch.randint(0, model.config.vocab_size, (batch_size, DECODE_PROMPT_TOKENS), device=device)
         speeds.append(time_generate(lambda: model.generate(prompt, new_tokens, temperature=0, compile_step=compile_step),
                                     batch_size, new_tokens, device))
