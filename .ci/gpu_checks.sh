@@ -183,7 +183,7 @@ if ((DRY)); then  # toy sizes on a CPU, torch.compile off: every step of the scr
 else
   device=cuda
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-  card=${card:-$($PY -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null)}
+  card=${card:-$($PY -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null)} card=${card:-unknown GPU}
   export TORCH_LOGS=${TORCH_LOGS:-recompiles}  # a recompile after the first step would show in the logs
   model=(--micro_batch_size 64 --compile on)  # GPT-2 124M, T=1024, 2^19 tokens a step: the defaults
   steps=9 decode=(--model 124M --device cuda --sample_tokens 256) seconds=150  # 9 steps: the median of 6 after the warm-up
