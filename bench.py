@@ -14,6 +14,7 @@ with a ratio measured in the same run. Training figures are the median of --step
 
 import argparse
 import gc
+import os
 import statistics
 import time
 
@@ -122,17 +123,62 @@ def bench_training(config, args, device, dtype, impls) -> dict:
     return results
 
 
-@torch.no_grad()
-def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_step=False) -> float:
-    """Greedy generation tokens/s for a batch of 10-token prompts, with or without the KV cache, and
-    (ours) with the one-token step compiled (a CUDA graph on GPUs) or not."""
-    model = build(impl, config, device).eval().to(dtype)  # weights in the dtype it decodes in: no per-token casts
-    prompt = torch.randint(0, config.vocab_size, (args.sample_batch, 10), device=device)
-    new = min(args.sample_tokens, config.block_size - 10)
+# ---------------------------------------------------------------------------------------------------
+# Decoding speed, defined once: bench.py's sampling rows and .ci/gpu_checks.sh's decode parts all report it.
+# A figure of the whole generate() call, as a user meets it, not of the decode steps alone: the prompt's
+# prefill and the sampling included. Two warm-up calls first: the first compiles the decode step, and only
+# the second records its CUDA graphs (mode="reduce-overhead" records on a graph's second call), so a single
+# warm-up would time the recording too.
+
+DECODE_PROMPT_TOKENS = 10
+DECODE_WARMUP_CALLS = 2
+DECODE_TIMED_CALLS = 3
+DECODE_SPEED = (f"decode speed = B x new tokens / the time of a whole generate() call ({DECODE_PROMPT_TOKENS}-token prompt "
+                f"included), the median of {DECODE_TIMED_CALLS} calls after {DECODE_WARMUP_CALLS} warm-up calls; "
+                f"ms a step = that time / new tokens")
+
+
+def time_generate(generate, batch_size: int, new_tokens: int, device: str) -> dict:
+    """DECODE_SPEED of `generate` (a call that makes new_tokens tokens for each of batch_size rows)."""
+    for _ in range(DECODE_WARMUP_CALLS):
+        generate()
     times = []
-    for _ in range(2):  # the first run warms up (and compiles)
+    for _ in range(DECODE_TIMED_CALLS):
         sync(device)
         t0 = time.perf_counter()
+        generate()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return dict(batch_size=batch_size, new_tokens=new_tokens, ms_per_step=1000 * seconds / new_tokens,
+                tok_per_s=batch_size * new_tokens / seconds)
+
+
+@torch.no_grad()
+def decode_speeds(model, cases, device: str, compile_step: bool) -> list[dict]:
+    """time_generate of our model's greedy generate() for each (batch size, new tokens) of `cases`. Each new
+    batch size starts from a fresh torch.compile, as in a process of its own: its decode step would otherwise
+    be recompiled for a dynamic batch and could reach dynamo's limit of recompiles (then run uncompiled)."""
+    speeds = []
+    for i, (batch_size, new_tokens) in enumerate(cases):
+        if i and batch_size != cases[i - 1][0]:
+            torch.compiler.reset()
+        prompt = torch.randint(0, model.config.vocab_size, (batch_size, DECODE_PROMPT_TOKENS), device=device)
+        speeds.append(time_generate(lambda: generate_with_cache(model, prompt, new_tokens, temperature=0,
+                                                                compile_step=compile_step),
+                                    batch_size, new_tokens, device))
+    return speeds
+
+
+@torch.no_grad()
+def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_step=False) -> float:
+    """Greedy generation tokens/s (DECODE_SPEED) for a batch of 10-token prompts, with or without the KV
+    cache, and (ours) with the one-token step compiled (a CUDA graph on GPUs) or not."""
+    model = build(impl, config, device).eval().to(dtype)  # weights in the dtype it decodes in: no per-token casts
+    prompt = torch.randint(0, config.vocab_size, (args.sample_batch, DECODE_PROMPT_TOKENS), device=device)
+    new = min(args.sample_tokens, config.block_size - DECODE_PROMPT_TOKENS)
+
+    def generate():
         if impl != "hf":
             if use_cache:
                 generate_with_cache(model, prompt, new, temperature=0, compile_step=compile_step)
@@ -141,10 +187,10 @@ def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_s
         else:
             model.hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
                               pad_token_id=0)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+
+    speed = time_generate(generate, args.sample_batch, new, device)
     del model
-    return args.sample_batch * new / times[-1]
+    return speed["tok_per_s"]
 
 
 def bench_hellaswag(impl, config, args, device, dtype) -> float | None:
@@ -247,6 +293,11 @@ def bench_finetune(config, args, device, dtype, lora_rank: int) -> float:
         return pool.apply(finetune_step_memory, (config, args.batch_size, device, dtype, lora_rank))
 
 
+def compile_disabled() -> bool:
+    """torch.compile returns the function unchanged (the environment switched it off), as torch reads it."""
+    return torch._dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1"
+
+
 def free_memory(device):
     gc.collect()
     if device.startswith("cuda"):
@@ -327,7 +378,10 @@ def main(argv=None):
             rows.append(dict(name="MFU", unit="%", ours=100 * train["ours"]["mfu"], hf=100 * train["hf"]["mfu"]))
         if train["ours"]["peak_mem_gb"] is not None:
             rows.append(dict(name="peak memory", unit="GiB", ours=train["ours"]["peak_mem_gb"], hf=train["hf"]["peak_mem_gb"]))
-    if "loss" not in skip:
+    # Without F.linear_cross_entropy, chunked_cross_entropy is the plain loss: the row would time it twice.
+    if "loss" not in skip and not hasattr(F, "linear_cross_entropy"):
+        print(f"chunked loss row skipped: torch {torch.__version__} has no F.linear_cross_entropy (2.13+)")
+    elif "loss" not in skip:
         (chunked_ms, chunked_gib), (plain_ms, plain_gib) = (bench_loss(config, args, device, dtype, chunked)
                                                             for chunked in (True, False))
         kind = "GPU allocator" if device.startswith("cuda") else "process RSS"
@@ -339,7 +393,10 @@ def main(argv=None):
     if "sample" not in skip:
         measure("sampling, KV cache", "tok/s", lambda impl: bench_sampling(impl, config, args, device, dtype, True))
         measure("sampling, no cache", "tok/s", lambda impl: bench_sampling(impl, config, args, device, dtype, False))
-    if "decode" not in skip:
+    if "decode" not in skip and compile_disabled():  # the "compiled" step would be the plain one, timed twice
+        print("compiled decode step row skipped: torch.compile is switched off here (TORCHDYNAMO_DISABLE or "
+              "TORCH_COMPILE_DISABLE)")
+    elif "decode" not in skip:
         compiled = bench_sampling("ours", config, args, device, dtype, True, compile_step=True)
         free_memory(device)
         plain = bench_sampling("ours", config, args, device, dtype, True, compile_step=False)
@@ -364,10 +421,12 @@ def main(argv=None):
         for row in effects:
             row["ratio"] = row["on"] / row["off"]
             print(f"| {row['name']:<56} | {row['unit']:<6} | {row['on']:>10,.2f} | {row['off']:>10,.2f} | {row['ratio']:>7.2f}x |")
+    if {"sample", "decode"} - skip:
+        print(f"\n{DECODE_SPEED}")
     if args.json:
         write_json_atomically(args.json, dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), compile=args.compile,
                                               model=args.model, batch_size=args.batch_size, block_size=args.block_size,
-                                              rows=rows, optimisations=effects))
+                                              rows=rows, optimisations=effects, decode_speed=DECODE_SPEED))
 
 
 if __name__ == "__main__":
