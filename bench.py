@@ -188,9 +188,7 @@ def bench_sampling(impl, config, args, device, dtype, use_cache: bool, compile_s
             model.hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
                               pad_token_id=0)
 
-    speed = time_generate(generate, args.sample_batch, new, device)
-    del model
-    return speed["tok_per_s"]
+    return time_generate(generate, args.sample_batch, new, device)["tok_per_s"]
 
 
 def bench_hellaswag(impl, config, args, device, dtype) -> float | None:
