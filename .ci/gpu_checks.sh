@@ -120,6 +120,7 @@ mkdir -p "$OUT" 2>/dev/null && : 2>/dev/null >"$OUT/summary.txt" || input_error 
 $PY -c "import numpy, torch" 2>/dev/null || input_error "$PY cannot import torch and numpy"
 
 logs=$(mktemp -d) work=$(mktemp -d)  # work: the peers' run folders, left out of the tarball
+export PYTHONPATH="$PWD/dev${PYTHONPATH:+:$PYTHONPATH}"  # its python parts import dev/bench.py
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$logs/inductor}
 summary="$OUT/summary.txt"
@@ -374,7 +375,7 @@ for recipe in "muon plain" "adamw chunked"; do
 done
 
 # bench.py's compiled decode step against the eager one (its own run of the decode figure)
-check bench_decode "$seconds" $PY bench.py "${decode[@]}" --sample_batch 4 --skip train,loss,hellaswag,sample,finetune \
+check bench_decode "$seconds" $PY dev/bench.py "${decode[@]}" --sample_batch 4 --skip train,loss,hellaswag,sample,finetune \
   --json "$logs/bench_decode.json" &&
   report bench_decode $PY - "$logs/bench_decode.json" <<'EOF'
 import json, sys

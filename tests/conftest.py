@@ -31,6 +31,7 @@ if (SHARED_DATA / "tiktoken_cache").is_dir():
     for f in (_CACHE_ROOT / "tiktoken").iterdir():
         f.chmod(0o644)
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "dev"))  # the development tools: bench.py, recipe_proxy.py
 # One thread, in this process as in the scripts it starts (script_env): with two, every small op can wait
 # for a thread that another process has descheduled, and a test runs 5-20x slower on a busy machine.
 torch.set_num_threads(1)

@@ -6,6 +6,7 @@ import re
 from conftest import REPO_ROOT
 
 PROJECT = {p.stem for p in REPO_ROOT.glob("*.py")}
+DEV_TOOLS = {p.stem for p in (REPO_ROOT / "dev").glob("*.py")}
 
 
 def project_imports(path) -> set[str]:
@@ -16,15 +17,17 @@ def project_imports(path) -> set[str]:
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names & PROJECT
+    return names & (PROJECT | DEV_TOOLS)
 
 
 def test_the_plumbing_imports_no_project_file_and_nothing_imports_back():
     graph = {name: project_imports(REPO_ROOT / f"{name}.py") - {name} for name in PROJECT}
+    graph |= {name: project_imports(REPO_ROOT / "dev" / f"{name}.py") - {name} for name in DEV_TOOLS}
+    assert not any(graph[name] & DEV_TOOLS for name in PROJECT)  # the product never needs its development tools
     assert graph["plumbing"] == set()  # knows nothing of GPT-2, nor of any script
     assert graph["settings"] == {"plumbing"}
     assert graph["train_gpt2"] == {"plumbing", "settings"}
-    for name in PROJECT:  # no circle, however long: follow every import from every file
+    for name in graph:  # no circle, however long: follow every import from every file
         seen, todo = set(), list(graph[name])
         while todo:
             module = todo.pop()
@@ -67,3 +70,10 @@ def test_the_model_is_the_lectures_and_the_settings_are_the_storys():
     fields = [n.target.id for n in config.body if isinstance(n, ast.AnnAssign)]
     assert 25 <= len(fields) <= 35 and not any(f.startswith(("lora", "muon", "hellaswag")) for f in fields)
     assert not {"optimizer", "schedule", "shard", "loss", "tensorboard", "model"} & set(fields)
+
+
+def test_the_top_level_shows_the_product():
+    """The card's scripts and the two helper modules at the top (at most 7 Python files), development tools
+    under dev/, and a license."""
+    assert PROJECT == {"train_gpt2", "plumbing", "settings", "fineweb", "hellaswag", "sample", "validate"}
+    assert {"bench", "bench_fineweb", "recipe_proxy"} <= DEV_TOOLS

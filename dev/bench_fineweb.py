@@ -1,7 +1,7 @@
 """
 Throughput and peak memory of fineweb.py against a straightforward baseline, on the same documents.
 
-    python bench_fineweb.py --input /path/to/docs.jsonl --num_proc 1 2 --rounds 2
+    python dev/bench_fineweb.py --input /path/to/docs.jsonl --num_proc 1 2 --rounds 2
 
 The baseline is what most reproductions do: Pool.imap over documents (chunksize=16), each document
 encoded to a list of ints, turned into a uint16 array in the worker, copied into a shard buffer in
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, from dev/
 from train_gpt2 import EOT_TOKEN, get_tokenizer
 
 
@@ -125,11 +126,11 @@ def main() -> None:
                 f.write(Path(args.input).read_bytes())
     total = sum(len(encode(t)) for t in read_texts(path))
     print(f"{path}: {total:,} tokens")
-    repo = Path(__file__).resolve().parent
+    here, repo = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
     for round_ in range(args.rounds):
         for num_proc in args.num_proc:
             commands = {
-                "baseline": [sys.executable, str(repo / "bench_fineweb.py"), "--baseline", "--input", str(path),
+                "baseline": [sys.executable, str(here / "bench_fineweb.py"), "--baseline", "--input", str(path),
                              "--out_dir", str(work / "baseline"), "--shard_size", str(args.shard_size), "--num_proc", str(num_proc)],
                 "fineweb.py": [sys.executable, str(repo / "fineweb.py"), "--input", str(path), "--out_dir", str(work / "ours"),
                                "--shard_size", str(args.shard_size), "--num_proc", str(num_proc)],

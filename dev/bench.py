@@ -1,10 +1,10 @@
 """
 Measure our training, HellaSwag and sampling throughput next to Hugging Face's GPT-2, in one run.
 
-    python bench.py --model 124M --device cuda                     # the GPU figures (bf16, compiled)
-    python bench.py --model 124M --device cuda --compile off       # ... without torch.compile
-    python bench.py --model tiny --device cpu                      # a quick look on a CPU
-    python bench.py --model 124M --device cpu --batch_size 4 --block_size 256 --steps 3 --warmup 1
+    python dev/bench.py --model 124M --device cuda                     # the GPU figures (bf16, compiled)
+    python dev/bench.py --model 124M --device cuda --compile off       # ... without torch.compile
+    python dev/bench.py --model tiny --device cpu                      # a quick look on a CPU
+    python dev/bench.py --model 124M --device cpu --batch_size 4 --block_size 256 --steps 3 --warmup 1
 
 Every figure is measured for our GPT and for transformers.GPT2LMHeadModel (attn_implementation="sdpa",
 the same shapes, the same AdamW settings, the same precision, the same train step code), so each comes
@@ -16,12 +16,15 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, from dev/
 from plumbing import ArgumentParser, UserError, check_writable, peak_flops_for, pick_device, run_main, write_json_atomically
 from train_gpt2 import (GPT, LOSS_CHUNK_ROWS, GPTConfig, Settings, chunked_cross_entropy, configure_optimizers,
                         find_hellaswag_data, flops_per_token, generate_with_cache, hellaswag_counts, load_hellaswag, mixed_precision, pick_dtype,

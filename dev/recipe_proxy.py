@@ -2,9 +2,9 @@
 A CPU proxy for the two training recipes: is `--preset fast` (Muon + WSD) better than the default
 (AdamW + cosine) at equal tokens, by how much, and how many tokens does it save?
 
-    python recipe_proxy.py --json proxy.json   # compare, 3 seeds (~50 min on one core)
-    python recipe_proxy.py --sweep             # the fast recipe's learning rates on a grid, one seed (~45 min)
-    python recipe_proxy.py --muon_lr 0.04 --decay_frac 0.4 --seeds 0   # compare other values
+    python dev/recipe_proxy.py --json proxy.json   # compare, 3 seeds (~50 min on one core)
+    python dev/recipe_proxy.py --sweep             # the fast recipe's learning rates on a grid, one seed (~45 min)
+    python dev/recipe_proxy.py --muon_lr 0.04 --decay_frac 0.4 --seeds 0   # compare other values
 
 Both recipes train the same small GPT (4 layers x 128 wide, T=128; the 50,304-token classifier is most
 of its 7.2M parameters and most of its cost) on the same tokens: 2,800 real FineWeb documents
@@ -42,19 +42,21 @@ import json
 import os
 import statistics
 import tempfile
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, from dev/
 import fineweb
 import plumbing
 import train_gpt2
 from plumbing import ArgumentParser, UserError, run_main
 from settings import PRESETS
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "fineweb_legal_sample.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fineweb_legal_sample.jsonl"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "gpt2_recipe_proxy"
 
 
