@@ -154,6 +154,17 @@ def check_pretrained_shape(config, explicit) -> None:
                             f"{shape['n_layer']} layers, {shape['n_head']} heads, {shape['n_embd']} wide: drop the flag")
 
 
+def check_model_shape(config, explicit) -> None:
+    """--model sets the shape of a model trained from scratch; a preset's shape (--preset shakespeare's
+    small GPT) would silently win over it, and train_config.json would name a model that never ran."""
+    shape = GPT2_SIZES[config.model]
+    overridden = [name for name in ("n_layer", "n_head", "n_embd") if name not in explicit and getattr(config, name) != shape[name]]
+    if overridden:
+        raise UserError(f"--model {config.model} has no effect beside --preset, which sets its own model ({config.n_layer} "
+                        f"layers, {config.n_head} heads, {config.n_embd} wide): drop --model to train the preset's, or "
+                        f"--preset to train {config.model}")
+
+
 def check_config(config, explicit=frozenset()) -> None:
     """One UserError for the first bad setting, before any work starts (train_gpt2.parse_config adds the
     two that need the tokenizer or the launcher: --sample_prompt's length and --shard without torchrun)."""
@@ -175,6 +186,15 @@ def check_config(config, explicit=frozenset()) -> None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if config.init_from != "scratch" and explicit & {"model", "n_layer", "n_head", "n_embd"}:
         check_pretrained_shape(config, explicit)
+    if config.init_from == "scratch" and "model" in explicit:
+        check_model_shape(config, explicit)
+    hellaswag_flags = sorted(explicit & {"hellaswag_data", "hellaswag_limit"})
+    if not config.hellaswag and hellaswag_flags:
+        raise UserError(f"--{hellaswag_flags[0]} has no effect without --hellaswag"
+                        + (" (the preset turns HellaSwag off)" if "preset" in explicit and "hellaswag" not in explicit else ""))
+    sample_flags = sorted(explicit & {"sample_prompt", "num_samples", "sample_tokens"})
+    if not config.sample_interval and sample_flags:
+        raise UserError(f"--{sample_flags[0]} has no effect with --sample_interval 0 (no samples): give a --sample_interval")
     if config.shard and config.dtype == "float16":
         raise UserError("--shard runs in bfloat16 or float32: float16's gradient scaler does not work with sharding here")
     if config.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
