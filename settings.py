@@ -387,6 +387,18 @@ def estimate_memory(model, config, world_size: int, dtype: torch.dtype, device: 
     return MemoryEstimate(weights, gradients, optimizer, activations, available_memory(device))
 
 
+def checkpoint_bytes(model, config) -> int:
+    """What a checkpoint of this run takes on disk: the weights it saves (a LoRA run's: those that train)
+    and the optimizer's state (AdamW's two moments, Muon's momentum), all float32."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for _, p in trainable)
+    muon = sum(p.numel() for name, p in trainable if config.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2)
+    # A tied weight is saved once, but twice when sharded (each gathered on its own).
+    weights = (n_trainable if model.lora else sum(v.numel() for v in model.state_dict().values()) if config.shard
+               else sum(p.numel() for p in model.parameters()))
+    return 4 * weights + 8 * (n_trainable - muon) + 4 * muon
+
+
 def out_of_memory_advice(model, config, world_size: int, dtype: torch.dtype, device: str) -> str:
     """One line for a run that ran out of memory: which flag to change, and by how much."""
     estimate = estimate_memory(model, config, world_size, dtype, device)
