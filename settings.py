@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
 
 from plumbing import (MemoryEstimate, UserError, available_memory, check_rules, find_latest_checkpoint, format_duration,
-                      human, load_checkpoint, pick_device, progress_bar, quiet_transformers, resolve_reference,
+                      human, load_checkpoint, pick_device, progress_bar, quiet_transformers, rank0_decides, resolve_reference,
                       shell_command, shell_double_quoted, split_list)
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,14 +99,14 @@ def prepare_quick_start_data(config, master: bool, ddp: bool) -> None:
     data_dir = config.data_dir
     if data_dir != PRESETS["shakespeare"]["data_dir"] or list(Path(data_dir).glob("*_train_*.npy")):
         return
-    if master:
+    def prepare():  # on rank 0; the others wait for its verdict, and stop with it if it failed (its line)
         command = [sys.executable, str(Path(__file__).with_name("fineweb.py")), "--source", "shakespeare", "--out_dir", data_dir]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
-            raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1].removeprefix('error: ')}")
         print(result.stdout.splitlines()[0])  # "tinyshakespeare_tokens: 2 shards, 338,026 tokens, ..."
-    if ddp:
-        dist.barrier()
+
+    rank0_decides(ddp, master, prepare)
 
 
 # ---------------------------------------------------------------------------------------------------
