@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from plumbing import ArgumentParser, UserError, check_writable_folder, run_main, shell_command, utf8_lines
+from plumbing import ArgumentParser, UserError, check_writable_folder, run_main, shell_command, utf8_lines, write_failure
 from train_gpt2 import DATA_DIR, EOT_TOKEN, get_tokenizer
 
 SHARD_SIZE = 100_000_000  # tokens per shard: 200 MB of uint16, 100 shards for FineWeb-Edu 10B
@@ -263,8 +263,10 @@ def shard_name(prefix: str, split: str, index: int) -> str:
     return f"{prefix}_{split}_{index:06d}.npy"
 
 
-def replace_atomically(path: Path, write) -> None:
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it to `path`."""
+def replace_atomically(path: Path, write, size: int | None = None) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it to `path`. A
+    failed write (a full disk: size is what the file takes) ends the run with one line; the finished
+    shards stay, and the same command continues after them."""
     temp = path.with_name(f".incomplete_{os.getpid()}_{time.monotonic_ns()}")  # unique: no two writers collide
     try:
         with open(temp, "wb") as f:
@@ -272,12 +274,17 @@ def replace_atomically(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name says it is finished
         os.replace(temp, path)
+    except OSError as e:
+        temp.unlink(missing_ok=True)  # first: the free space counted below is without it
+        raise UserError(f"could not write {path}: {write_failure(e, path.parent, size)}. The shards finished before it "
+                        "are kept: free space (or fix the folder), then run the same command again to continue after "
+                        "them") from e
     finally:
         temp.unlink(missing_ok=True)
 
 
 def save_shard(path: Path, tokens: np.ndarray) -> None:
-    replace_atomically(path, lambda f: np.save(f, tokens))
+    replace_atomically(path, lambda f: np.save(f, tokens), size=tokens.nbytes + 128)  # + the .npy header
 
 
 def save_meta(out_dir: Path, meta: dict) -> None:

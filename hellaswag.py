@@ -138,7 +138,7 @@ def evaluate(args, rank: int, world_size: int, device: str) -> None:
             print(f"unbatched: {result['unbatched_examples_per_s']:.1f} examples/s")
             print(f"batched is {unbatched_seconds / seconds:.2f}x faster; same counts: {unbatched == counts}")
     if rank == 0 and args.json:
-        write_json_atomically(args.json, result)
+        write_json_atomically(args.json, result, "--json")
 
 
 if __name__ == "__main__":

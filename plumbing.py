@@ -2,8 +2,10 @@
 The run plumbing every script of this repo shares. Nothing here knows about GPT-2, and this module
 imports no file of the project: the scripts import it, never the other way round.
 
-  1. errors and command lines: one `error: ...` line instead of a traceback; flags from a dataclass
-  2. files: writable outputs checked up front, text read line by line, downloads, progress bars
+  1. errors and command lines: one `error: ...` line instead of a traceback, and under torchrun the line
+     of the process that failed, not the others' tracebacks; flags from a dataclass
+  2. files: writable outputs checked up front (room included), written whole or not at all, a failed
+     write (a full disk) named in one line; text read line by line, downloads, progress bars
   3. checkpoint files: written atomically and durably, rotated, the newest readable one found again
   4. a run folder: one run at a time, --resume / --overwrite, a stop request, skipped non-finite
      steps, the log (log.txt and TensorBoard behind one object)
@@ -50,11 +52,105 @@ class UserError(Exception):
 
 
 def run_main(main) -> None:
-    """Run a script's main(); a UserError ends it with `error: <message>` on stderr and exit code 1."""
+    """Run a script's main(); a UserError ends it with `error: <message>` on stderr and exit code 1
+    (under torchrun, its report of the failed process names that line too)."""
     try:
         main()
     except UserError as e:
+        tell_torchrun(f"error: {e}")
         sys.exit(f"error: {e}")
+
+
+def tell_torchrun(line: str) -> None:
+    """torchrun reports a process that failed, after its output; with this error file (the one torchrun's
+    @record writes) the report names our line instead of "To enable traceback see: ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        message = dict(message=line, extraInfo=dict(py_callstack=line, timestamp=str(int(time.time()))))
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps(dict(message=message)))
+
+
+# Under torchrun, a fault seen by one process (rank 0's disk, say) must reach the user as that process's
+# one line, not as the tracebacks of the others, whose next collective fails when it exits ("Connection
+# closed by peer"). So a process that stops with an error leaves its line in torchrun's store, which
+# outlives it; another that stops because of it finds the line there and ends quietly (StoppedByPeer),
+# with exit code 0, so that torchrun's report names the process that failed.
+
+
+class StoppedByPeer(SystemExit):
+    """This process stops because another stopped with an error, which that one reports: nothing to print."""
+
+    def __init__(self):
+        super().__init__(0)
+
+
+def _error_key(rank: int) -> str:
+    return f"run_error/{rank}"
+
+
+def tell_peers(line: str) -> None:
+    """Leave this process's error line where the others look for it (under torchrun)."""
+    with contextlib.suppress(Exception):  # the store is gone: the others print their own error
+        dist.distributed_c10d._get_default_store().set(_error_key(dist.get_rank()), line)
+
+
+def peer_error(wait: float = 0.0, ranks=None) -> str | None:
+    """The error line another process left (tell_peers), waiting up to `wait` seconds for one; None if none."""
+    try:
+        store, me = dist.distributed_c10d._get_default_store(), dist.get_rank()
+        ranks = [r for r in (range(dist.get_world_size()) if ranks is None else ranks) if r != me]
+        deadline = time.time() + wait
+        while True:
+            for rank in ranks:
+                if store.check([_error_key(rank)]):
+                    return store.get(_error_key(rank)).decode()
+            if time.time() >= deadline:
+                return None
+            time.sleep(0.05)
+    except Exception:  # no process group, or its store went with the process that held it
+        return None
+
+
+def stop_together(error: BaseException | None, master: bool) -> None:
+    """Under torchrun, as a process stops with `error`: leave its line for the others, or, if it stops
+    because another one did (its collective failed, or it raised the same UserError as rank 0, which
+    prints it), raise StoppedByPeer to end quietly."""
+    if error is None or isinstance(error, StoppedByPeer) or not (dist.is_available() and dist.is_initialized()):
+        return
+    if isinstance(error, UserError):
+        line = str(error)
+        if not master and peer_error(wait=5.0, ranks=[0]) == line:  # all ranks found it: rank 0 says it
+            raise_quietly()
+        tell_peers(line)
+        return
+    if peer_error(wait=5.0) is not None:  # another process stopped first, and said why
+        raise_quietly()
+    tell_peers(f"{type(error).__name__}: {error}".splitlines()[0])
+
+
+def raise_quietly():
+    # torchrun sends the processes left a SIGTERM once one has failed: this one is ending already.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise StoppedByPeer() from None
+
+
+def rank0_decides(ddp: bool, master: bool, decide):
+    """Rank 0 runs decide() (the checks and writes of the run folder, which rank 0 owns); every process
+    gets its result, or stops with its UserError, which rank 0 prints (the others end quietly)."""
+    verdict, problem = [None, None], None  # [decide()'s result (small: it is sent), its error line]
+    if master:
+        try:
+            verdict[0] = decide()
+        except UserError as e:
+            verdict[1], problem = str(e), e
+    if ddp:
+        dist.broadcast_object_list(verdict, src=0)
+    if problem is not None:
+        raise problem
+    if verdict[1] is not None:
+        raise_quietly()
+    return verdict[0]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -189,19 +285,83 @@ def check_writable_folder(path, flag: str) -> None:
 
 def unwritable(folder: Path) -> str | None:
     """Why nothing can be written into `folder` (or, if it does not exist yet, into the nearest folder
-    above it, where it would be made), or None. Nothing is created: a run that fails later for another
-    reason leaves no empty folder behind."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
+    above it, where it would be made), or None. A byte is written and removed again (an empty file needs
+    no space, so a full disk would pass); nothing is left: a run that fails later for another reason
+    leaves no empty folder behind."""
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         return f"{existing} is a file, not a folder: give another path"
+    probe = existing / f".write-probe-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        with open(probe, "xb") as f:
+            f.write(b"\0")
+            f.flush()
     except OSError as e:
+        if disk_full(e):
+            return f"cannot write there: no space left on the device of {existing} ({format_bytes(free_bytes(existing))} free)"
         return f"cannot write there ({e.strerror} in {existing})"
+    finally:
+        probe.unlink(missing_ok=True)
     return None
+
+
+def nearest_existing(path) -> Path:
+    """path, or the nearest folder above it that exists (where it would be made)."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing
+
+
+def free_bytes(path) -> int | None:
+    """The bytes that may still be written where `path` is (or would be made); None if unknown."""
+    try:
+        return shutil.disk_usage(nearest_existing(path)).free
+    except OSError:
+        return None
+
+
+def format_bytes(n: float | None) -> str:
+    """19_682_523 -> "19.7 MB": a file's size at a glance."""
+    if n is None:
+        return "? bytes"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether a failed write met a full disk (or quota), however it surfaced: an OSError, torch.save's
+    RuntimeError raised after it ("unexpected pos"), safetensors' error in Rust's words."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_failure(error: BaseException, where, needed: int | None = None) -> str | None:
+    """Why a write to `where` (a file or a folder) failed, in words; None if `error` is no failure to
+    write (a bug, say: the caller lets it through). needed: the bytes it would take, if known.
+
+    A full disk is named with what it takes and what is free. numpy's writer loses the errno ("500000
+    requested and 466880 written"): a short write where less than `needed` is free is a full disk too."""
+    free = free_bytes(where)
+    cause, seen = error, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if disk_full(error) or (cause is not None and needed and free is not None and free < needed):
+        takes = f"it takes ~{format_bytes(needed)}, " if needed else ""
+        return f"no space left on the device ({takes}{format_bytes(free)} free)"
+    if cause is None:
+        return None
+    return cause.strerror or str(cause)
 
 
 def utf8_lines(path):
@@ -215,12 +375,59 @@ def utf8_lines(path):
                 raise UserError(f"{path}:{line_number}: line {line_number} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def write_json_atomically(path, result: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_json_atomically(path, result: dict, flag: str | None = None) -> None:
+    """path holds `result` whole, or is left as it was: a failed write (a full disk) leaves no partial
+    file and ends with one line that names it (flag: the option that chose the path, e.g. --json)."""
+    path, text = Path(path), json.dumps(result, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, text)
+    except OSError as e:
+        name = f"{flag} {path}" if flag else str(path)
+        raise UserError(f"could not write {name}: {write_failure(e, path.parent, len(text))}; it is left as it was "
+                        f"(the result is above): free space or give another path") from e
+
+
+def replace_atomically(path: Path, text: str) -> None:
+    """Write a text file whole or not at all (a temporary file beside it, renamed); OSError if it fails."""
     partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_written_whole(out_dir, needed: int | None = None, what: str = "folder"):
+    """Yield a temporary folder to write into, on out_dir's disk; once the block ends well its files move
+    into out_dir (made if need be; files of other names there are left alone). A failed write (a full
+    disk) leaves out_dir as it was, no partial file, and ends with one line. needed: the bytes it takes."""
+    out_dir = Path(out_dir).expanduser()
+    check_writable_folder(out_dir, what)
+    free = free_bytes(out_dir)
+    if needed and free is not None and free < needed:
+        raise UserError(f"cannot write {what} {out_dir}: it takes ~{format_bytes(needed)}, and {format_bytes(free)} "
+                        "are free there: free space or give another path")
+    existed = out_dir.is_dir()
+    home = out_dir if existed else nearest_existing(out_dir)
+    partial = Path(tempfile.mkdtemp(dir=home, prefix=f".{out_dir.absolute().name}.partial-"))
+    try:
+        yield partial
+        if existed:
+            for item in partial.iterdir():
+                os.replace(item, out_dir / item.name)
+        else:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, out_dir)
+    except Exception as e:
+        reason = write_failure(e, home, needed)
+        if reason is None:
+            raise
+        raise UserError(f"could not write {what} {out_dir}: {reason}; nothing was written there: free space (or fix "
+                        "the folder) and run it again") from e
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def download(url: str, dest: Path) -> None:
@@ -358,20 +565,27 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def tensor_bytes(obj) -> int:
-    """Bytes of all the tensors in a (nested) dict/list: what a checkpoint will weigh, for its progress bar."""
+def tensor_bytes(obj, seen=None) -> int:
+    """Bytes of all the tensors in a (nested) dict/list: what a checkpoint will weigh (a tensor that shares
+    its memory with another, a tied weight, is saved once and counted once)."""
+    seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        key = (obj.untyped_storage().data_ptr(), obj.device) if obj.device.type != "meta" else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes() if obj.device.type != "meta" else obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
+        return sum(tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
+        return sum(tensor_bytes(v, seen) for v in obj)
     return 0
 
 
 def save_checkpoint_file(checkpoint: dict, path: Path, progress=False) -> None:
     """torch.save, atomically and durably: the file appears whole or not at all. A full disk (or any
-    failure to write) leaves nothing behind and ends the run with one line saying nothing was lost."""
+    failure to write) leaves nothing behind and ends the run with one line saying nothing was lost,
+    where to resume from and how much room a checkpoint takes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -385,12 +599,21 @@ def save_checkpoint_file(checkpoint: dict, path: Path, progress=False) -> None:
             os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
         os.replace(tmp, path)  # atomic: the checkpoint appears whole or not at all
         fsync_dir(path.parent)  # and the new name is on disk before an older checkpoint is deleted
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        previous = find_latest_checkpoint(path.parent)
-        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        raise UserError(f"could not write checkpoint {path}: {reason}. Nothing was lost: free space (or fix the "
-                        f"folder), then add --resume to continue from {previous or 'the start'}") from e
+    except BaseException as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        tmp.unlink(missing_ok=True)  # a partial file would only fill the disk further
+        reason = write_failure(e, path.parent, tensor_bytes(checkpoint))
+        if reason is None:
+            raise
+        raise UserError(f"could not write checkpoint {path}: {reason}. {resume_advice(path.parent)}") from e
+
+
+def resume_advice(run_dir) -> str:
+    """What a run stopped by a failed write keeps, and the command that goes on from it."""
+    previous = find_latest_checkpoint(run_dir)
+    if previous is None:
+        return "No checkpoint was saved yet: free space (or fix the folder), then start over with --overwrite"
+    return (f"Nothing was lost: free space (or fix the folder), then add --resume to continue from {previous} "
+            "(exactly as if never stopped)")
 
 
 def rotate_checkpoints(run_dir, keep: int, protect: Path | None = None) -> None:
@@ -508,7 +731,11 @@ class RunLock:
     never leaves its folder locked. (flock: Linux and macOS.)"""
 
     def __init__(self, log_dir: Path):
-        self.file = open(log_dir / ".lock", "a+")
+        try:
+            self.file = open(log_dir / ".lock", "a+")
+        except OSError as e:
+            raise UserError(f"--log_dir {log_dir}: cannot create its lock file .lock ({write_failure(e, log_dir)}): "
+                            "free space (or fix the folder), or choose another --log_dir") from e
         if fcntl is None:
             return
         try:
@@ -519,50 +746,94 @@ class RunLock:
             self.file.close()
             raise UserError(f"{log_dir}/ is in use by another run ({owner}): wait for it to end, stop it, or "
                             "choose another --log_dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            self.file.flush()
+        except OSError as e:
+            self.file.close()
+            raise UserError(f"--log_dir {log_dir}: cannot write its lock file .lock ({write_failure(e, log_dir)}): "
+                            "free space (or fix the folder), or choose another --log_dir") from e
 
     def release(self):
         self.file.close()
 
 
-def open_run_dir(log_dir, resume: bool, overwrite: bool, master: bool, say) -> tuple[RunLock | None, Path | None, dict | None]:
+def open_run_dir(log_dir, resume: bool, overwrite: bool, master: bool, say,
+                 ddp: bool = False) -> tuple[RunLock | None, Path | None, dict | None]:
     """Create and lock log_dir (rank 0); return (lock, the checkpoint to resume from, its contents).
 
     Never mixes two runs: a folder that holds a run needs --resume or --overwrite. Deletes nothing:
-    --overwrite's deleting happens only once every setting has been checked (clear_earlier_run)."""
-    log_dir = Path(log_dir)
+    --overwrite's deleting happens only once every setting has been checked (clear_earlier_run).
+    Rank 0 decides, and under torchrun every process gets its verdict: the checkpoint to load, or rank
+    0's error (a folder in use), which stops them all."""
+    log_dir, claimed = Path(log_dir), {}
+
+    def claim() -> Path | None:
+        claimed["lock"], path, claimed["checkpoint"] = claim_run_dir(log_dir, resume, overwrite, say)
+        return path
+
+    path = rank0_decides(ddp, master, claim)
+    if master:
+        return claimed["lock"], path, claimed["checkpoint"]
+    return None, path, load_checkpoint(path) if path else None
+
+
+def claim_run_dir(log_dir: Path, resume: bool, overwrite: bool, say) -> tuple[RunLock, Path | None, dict | None]:
+    """open_run_dir's checks, on rank 0: the folder made, writable and locked; (lock, checkpoint, contents)."""
+    check_writable_folder(log_dir, "--log_dir")  # first: a folder that cannot be used is not made
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--log_dir {log_dir} cannot be created: {e.strerror}") from e
-    if master:
-        check_writable_folder(log_dir, "--log_dir")
-    lock = RunLock(log_dir) if master else None
-    if master:
+    lock = RunLock(log_dir)
+    try:
         for stale in log_dir.glob("ckpt_*.pt.tmp"):  # a save cut short by a kill or a full disk
             stale.unlink()
-    if resume:
-        path, checkpoint = newest_readable_checkpoint(log_dir, set_aside=master)
-        if path is None and (log_dir / "log.txt").exists():
-            if lock:
-                lock.release()
-            raise UserError(f"{log_dir}/ holds a run's log but no checkpoint to resume from: add --overwrite (instead "
-                            "of --resume) to start over there, or choose another --log_dir")
-        if path is None:
-            say(f"--resume: no checkpoint in {log_dir}/, starting a new run")
-        return lock, path, checkpoint
-    earlier = [p for p in (find_latest_checkpoint(log_dir), log_dir / "log.txt") if p is not None and p.exists()]
-    if earlier and not overwrite:
-        if lock:
-            lock.release()
-        raise UserError(
-            f"{log_dir}/ already holds a run ({earlier[0].name}): add --resume to continue it, --overwrite to "
-            "start over, or choose another --log_dir"
-        )
-    return lock, None, None
+        # The files a run writes again must take it now, not after the data and the model are ready.
+        for name in ("train_config.json",) + (() if overwrite else ("log.txt",)):
+            if (log_dir / name).is_file():
+                try:
+                    with open(log_dir / name, "a"):
+                        pass
+                except OSError as e:
+                    raise UserError(f"--log_dir {log_dir}: cannot write its {name} ({e.strerror}): make it writable "
+                                    f"(chmod u+w {shlex.quote(str(log_dir / name))}), then run the same command again") from e
+        if resume:
+            path, checkpoint = newest_readable_checkpoint(log_dir, set_aside=True)
+            if path is None and (log_dir / "log.txt").exists():
+                raise UserError(f"{log_dir}/ holds a run's log but no checkpoint to resume from: add --overwrite (instead "
+                                "of --resume) to start over there, or choose another --log_dir")
+            if path is None:
+                say(f"--resume: no checkpoint in {log_dir}/, starting a new run")
+            return lock, path, checkpoint
+        earlier = [p for p in (find_latest_checkpoint(log_dir), log_dir / "log.txt") if p is not None and p.exists()]
+        if earlier and not overwrite:
+            raise UserError(
+                f"{log_dir}/ already holds a run ({earlier[0].name}): add --resume to continue it, --overwrite to "
+                "start over, or choose another --log_dir"
+            )
+        return lock, None, None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def check_room(log_dir: Path, checkpoint_size: int | None, keep: int, say) -> None:
+    """Refuse a run whose next checkpoint cannot fit in log_dir now, rather than after its steps; say so if
+    --keep_checkpoints will not fit (that run stops, losing nothing, at the save that finds the disk full)."""
+    free = free_bytes(log_dir)
+    if not checkpoint_size or free is None:
+        return
+    if free < checkpoint_size:
+        raise UserError(f"--log_dir {log_dir}: {format_bytes(free)} free, and a checkpoint of this run takes "
+                        f"~{format_bytes(checkpoint_size)}: free space (or choose another --log_dir) first")
+    more = keep + 1 - len(list(log_dir.glob(CHECKPOINT_GLOB)))  # at a save, the new one and the `keep` before it
+    if free < more * checkpoint_size:
+        say(f"note: {log_dir}/ has room for {free // checkpoint_size} more checkpoint(s) of "
+            f"~{format_bytes(checkpoint_size)}, and --keep_checkpoints {keep} needs {more}: unless space is freed, "
+            "the run stops at the save that finds the disk full, losing nothing (--resume goes on)")
 
 
 def clear_earlier_run(log_dir: Path) -> None:
@@ -596,6 +867,8 @@ class StopRequest:
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGTERM and peer_error() is not None:  # torchrun ends the rest of a run that failed
+            raise_quietly()
         if self.requested and signum == signal.SIGINT:
             raise UserError("stopped at once by a second Ctrl-C, without a checkpoint of this step: the same command "
                             "with --resume continues from the newest checkpoint")
@@ -648,15 +921,18 @@ class Run:
         if config.print_settings:
             self.say("settings:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(config).items()))
         self.started = time.time()
-        self.log_file = self.board = self.stop = None
-        self.lock, self.resume_from, self.checkpoint = open_run_dir(self.log_dir, config.resume, config.overwrite,
-                                                                    master, self.say)
+        self.log_file = self.board = self.stop = self.lock = None
         try:
+            self.lock, self.resume_from, self.checkpoint = open_run_dir(self.log_dir, config.resume, config.overwrite,
+                                                                        master, self.say, ddp)
             if self.checkpoint is not None:
                 self.say(f"resuming from {self.resume_from} (step {self.checkpoint['step']})")
                 compare_with_saved_run(config, self.checkpoint["config"], fixed_on_resume, self.say, ignored_on_resume)
-        except BaseException:
+                rank0_decides(ddp, master, lambda: check_room(self.log_dir, self.resume_from.stat().st_size,
+                                                              config.keep_checkpoints, self.say))
+        except BaseException as e:
             self.close()
+            stop_together(e, master)
             raise
         self.on_out_of_memory = None  # the trainer's advice for a run that runs out of memory: a function -> str
         self.seconds = dict(step=0.0, eval=0.0, sample=0.0, checkpoint=0.0)  # what each took last time, for the ETA
@@ -667,19 +943,41 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.close()
+        problem = self.close()
         if is_out_of_memory(error) and self.on_out_of_memory is not None:
-            raise UserError(self.on_out_of_memory()) from error  # one line that says what to change, not a traceback
+            advice = UserError(self.on_out_of_memory())  # one line that says what to change, not a traceback
+            stop_together(advice, self.master)
+            raise advice from error
+        stop_together(error, self.master)  # under torchrun: one process's line, the others quiet
+        if error is None and problem:
+            raise UserError(problem)
 
-    def start(self, start_step: int) -> None:
+    def start(self, start_step: int, checkpoint_bytes: int | None = None) -> None:
         """Every setting, the data, the model and the checkpoint are known to be good: only now may an
-        earlier run's files go (--overwrite), and the log (appended on --resume) and the stop request start."""
-        if self.master and self.config.overwrite and self.resume_from is None:
-            clear_earlier_run(self.log_dir)
-        if self.master:
-            self.log_file = open(self.log_dir / "log.txt", "a")
-            self.board = TensorBoard(self.log_dir, start_step, self.config) if self.config.tensorboard else None
-            (self.log_dir / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        earlier run's files go (--overwrite), and the log (appended on --resume) and the stop request start.
+        checkpoint_bytes: what a checkpoint of this run will take, if known: a disk without room for one
+        stops the run now, not at its first save."""
+        def begin():
+            if self.config.overwrite and self.resume_from is None:
+                clear_earlier_run(self.log_dir)
+            if self.resume_from is None:  # (a resumed run's was checked as it opened)
+                check_room(self.log_dir, checkpoint_bytes, self.config.keep_checkpoints, self.say)
+            log = self.log_dir / "log.txt"
+            try:
+                replace_atomically(self.log_dir / "train_config.json", json.dumps(asdict(self.config), indent=2))
+                self.log_file = open(log, "a")
+                self.board = TensorBoard(self.log_dir, start_step, self.config) if self.config.tensorboard else None
+            except OSError as e:
+                for file in (self.log_file, self.board):
+                    with contextlib.suppress(OSError):
+                        file and file.close()
+                self.log_file = self.board = None
+                if self.resume_from is None and log.is_file() and not log.stat().st_size:
+                    log.unlink()  # an empty log would stop the same command next time ("already holds a run")
+                raise UserError(f"--log_dir {self.log_dir}: could not start the run's log there ({write_failure(e, self.log_dir)}): "
+                                "free space (or fix the folder), then run the same command again") from e
+
+        rank0_decides(self.ddp, self.master, begin)
         self.stop = StopRequest()
         # A checkpoint is "good" once the step after it was finite. The newest one may not be yet: the
         # update before it may have been the one that broke the weights.
@@ -693,16 +991,29 @@ class Run:
         on resume; the same values in TensorBoard with --tensorboard."""
         if not self.master:
             return
+        with self.writing("log.txt"):
+            for stream, value in values.items():
+                self.log_file.write(f"{step} {stream} {value}\n")
+            self.log_file.flush()
         for stream, value in values.items():
-            self.log_file.write(f"{step} {stream} {value}\n")
             if self.board:
-                self.board.log(step, stream, value)
-        self.log_file.flush()
+                with self.writing("tensorboard/"):
+                    self.board.log(step, stream, value)
 
     def text(self, step: int, name: str, text: str) -> None:
         """A text (the samples) for TensorBoard, with --tensorboard."""
         if self.board:
-            self.board.text(step, name, text)
+            with self.writing("tensorboard/"):
+                self.board.text(step, name, text)
+
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        """A failed write to the log (a full disk) ends the run with one line: what the folder keeps."""
+        try:
+            yield
+        except OSError as e:
+            raise UserError(f"could not write {self.log_dir / what}: {write_failure(e, self.log_dir)}. "
+                            f"{resume_advice(self.log_dir)}") from e
 
     @contextlib.contextmanager
     def timed(self, what: str):
@@ -772,22 +1083,31 @@ class Run:
     def save_checkpoint(self, step: int, checkpoint: dict) -> None:
         """Rank 0 writes log_dir/ckpt_{step}.pt, then keeps the newest keep_checkpoints, never the last
         good one: it stays until this one has proved good too."""
-        if self.master:
-            path = checkpoint_path(self.log_dir, step)
+        path = checkpoint_path(self.log_dir, step)
+
+        def save():  # every process learns whether it worked: a full disk stops them all, with rank 0's line
             save_checkpoint_file(checkpoint, path, progress=True)
             rotate_checkpoints(self.log_dir, self.config.keep_checkpoints, protect=self.last_good)
-            self.unconfirmed = path
-            self.say(f"saved {path}")
 
-    def close(self) -> None:
+        rank0_decides(self.ddp, self.master, save)
+        self.unconfirmed = path
+        self.say(f"saved {path}")
+
+    def close(self) -> str | None:
+        """Let go of the folder; returns what could not be written as the files closed (a full disk), if anything."""
+        problem = None
         if self.stop is not None:
             self.stop.restore()
-        if self.log_file is not None:
-            self.log_file.close()
-        if self.board is not None:
-            self.board.close()
+        for what, file in (("log.txt", self.log_file), ("tensorboard/", self.board)):
+            try:
+                if file is not None:
+                    file.close()
+            except OSError as e:
+                problem = problem or (f"could not write {self.log_dir / what}: {write_failure(e, self.log_dir)}. "
+                                      f"{resume_advice(self.log_dir)}")
         if self.lock is not None:
             self.lock.release()
+        return problem
 
 
 def is_out_of_memory(error) -> bool:

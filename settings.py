@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
 
 from plumbing import (MemoryEstimate, UserError, available_memory, check_rules, find_latest_checkpoint, format_duration,
-                      human, load_checkpoint, pick_device, progress_bar, quiet_transformers, resolve_reference,
-                      setting, shell_command, shell_double_quoted, split_list)
+                      human, load_checkpoint, pick_device, progress_bar, quiet_transformers, rank0_decides,
+                      resolve_reference, setting, shell_command, shell_double_quoted, split_list)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. GPT-2's sizes and their recipes, the run's own settings, the presets
@@ -127,14 +126,14 @@ def prepare_quick_start_data(config, master: bool, ddp: bool) -> None:
     data_dir = config.data_dir
     if data_dir != PRESETS["shakespeare"]["data_dir"] or list(Path(data_dir).glob("*_train_*.npy")):
         return
-    if master:
+    def prepare():  # on rank 0; the others wait for its verdict, and stop with it if it failed (its line)
         command = [sys.executable, str(Path(__file__).with_name("fineweb.py")), "--source", "shakespeare", "--out_dir", data_dir]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
-            raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise UserError(f"preparing {data_dir}/ failed: {(result.stderr.strip().splitlines() or ['?'])[-1].removeprefix('error: ')}")
         print(result.stdout.splitlines()[0])  # "tinyshakespeare_tokens: 2 shards, 338,026 tokens, ..."
-    if ddp:
-        dist.barrier()
+
+    rank0_decides(ddp, master, prepare)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,6 +205,17 @@ def check_pretrained_shape(config, explicit) -> None:
                             f"{shape['n_layer']} layers, {shape['n_head']} heads, {shape['n_embd']} wide: drop the flag")
 
 
+def check_model_shape(config, explicit) -> None:
+    """--model sets the shape of a model trained from scratch; a preset's shape (--preset shakespeare's
+    small GPT) would silently win over it, and train_config.json would name a model that never ran."""
+    shape = GPT2_SIZES[config.model]
+    overridden = [name for name in ("n_layer", "n_head", "n_embd") if name not in explicit and getattr(config, name) != shape[name]]
+    if overridden:
+        raise UserError(f"--model {config.model} has no effect beside --preset, which sets its own model ({config.n_layer} "
+                        f"layers, {config.n_head} heads, {config.n_embd} wide): drop --model to train the preset's, or "
+                        f"--preset to train {config.model}")
+
+
 def check_config(config, explicit=frozenset()) -> None:
     """One UserError for the first bad setting, before any work starts (train_gpt2.parse_config adds the
     two that need the tokenizer or the launcher: --sample_prompt's length and --shard without torchrun)."""
@@ -227,6 +237,15 @@ def check_config(config, explicit=frozenset()) -> None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if config.init_from != "scratch" and explicit & {"model", "n_layer", "n_head", "n_embd"}:
         check_pretrained_shape(config, explicit)
+    if config.init_from == "scratch" and "model" in explicit:
+        check_model_shape(config, explicit)
+    hellaswag_flags = sorted(explicit & {"hellaswag_data", "hellaswag_limit"})
+    if not config.hellaswag and hellaswag_flags:
+        raise UserError(f"--{hellaswag_flags[0]} has no effect without --hellaswag"
+                        + (" (the preset turns HellaSwag off)" if "preset" in explicit and "hellaswag" not in explicit else ""))
+    sample_flags = sorted(explicit & {"sample_prompt", "num_samples", "sample_tokens"})
+    if not config.sample_interval and sample_flags:
+        raise UserError(f"--{sample_flags[0]} has no effect with --sample_interval 0 (no samples): give a --sample_interval")
     if config.shard and config.dtype == "float16":
         raise UserError("--shard runs in bfloat16 or float32: float16's gradient scaler does not work with sharding here")
     if config.loss == "chunked" and not hasattr(F, "linear_cross_entropy"):
@@ -427,6 +446,18 @@ def estimate_memory(model, config, world_size: int, dtype: torch.dtype, device: 
     logits = 6 * min(B * T, chunk_rows) if chunk_rows else (compute if fused else 12) * B * T
     activations = layers + logits * c.padded_vocab_size + 2 * B * T * c.n_embd * 4  # + the stream's two ends
     return MemoryEstimate(weights, gradients, optimizer, activations, available_memory(device))
+
+
+def checkpoint_bytes(model, config) -> int:
+    """What a checkpoint of this run takes on disk: the weights it saves (a LoRA run's: those that train)
+    and the optimizer's state (AdamW's two moments, Muon's momentum), all float32."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for _, p in trainable)
+    muon = sum(p.numel() for name, p in trainable if config.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2)
+    # A tied weight is saved once, but twice when sharded (each gathered on its own).
+    weights = (n_trainable if getattr(model, "lora", None) else sum(v.numel() for v in model.state_dict().values()) if config.shard
+               else sum(p.numel() for p in model.parameters()))
+    return 4 * weights + 8 * (n_trainable - muon) + 4 * muon
 
 
 def out_of_memory_advice(model, config, world_size: int, dtype: torch.dtype, device: str) -> str:

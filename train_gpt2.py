@@ -42,14 +42,14 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (Run, UserError, find_data_file, gathered, is_sharded, load_checkpoint,
-                      load_optimizer_state, load_state_dict_checked, parse_dataclass, peak_flops_for,
-                      pick_device, progress_bar, quiet_transformers, resolve_reference, rng_states, run_main,
-                      save_checkpoint_file, set_rng_states, setting, split_list, utf8_lines,
-                      weights_fingerprint)
+from plumbing import (Run, UserError, find_data_file, folder_written_whole, gathered, is_sharded,
+                      load_checkpoint, load_optimizer_state, load_state_dict_checked, parse_dataclass,
+                      peak_flops_for, pick_device, progress_bar, quiet_transformers, rank0_decides,
+                      resolve_reference, rng_states, run_main, save_checkpoint_file, set_rng_states, setting,
+                      split_list, utf8_lines, weights_fingerprint)
 from settings import (FIXED_ON_RESUME, LORA_TARGETS, PRESETS, SHAPE_SETTINGS, RunSettings, SizeSettings,
-                      check_also_train, check_config, check_model_config, check_train_shards,
-                      check_val_shards, checked_loader_position, describe_run, gpt2_tokenizer, load_hf_gpt2,
+                      check_also_train, check_config, check_model_config, check_train_shards, check_val_shards,
+                      checked_loader_position, checkpoint_bytes, describe_run, gpt2_tokenizer, load_hf_gpt2,
                       open_shard, optimizer_states, out_of_memory_advice, parse_hellaswag_line,
                       prepare_quick_start_data, run_summary, size_defaults)
 
@@ -678,7 +678,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         hellaswag_examples, hellaswag_line = hellaswag_for_training(config, master, ddp, world_size)  # (13)
         run.say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps,
                              train_loader, val_loader, hellaswag_line))  # the settings resolved (settings.py)
-        run.start(start_step)  # settings, data and model are good: the log starts (--overwrite: anew)
+        run.start(start_step, checkpoint_bytes(model, config))  # the log starts (--overwrite: anew)
         keep_lora_base(model, run.log_dir, master, start_step)  # a new LoRA run keeps the weights it adapts
         peak_flops = config.peak_flops or peak_flops_for(device, dtype)
         flops_per_step = flops_per_token(model, T) * config.total_batch_size
@@ -1107,9 +1107,8 @@ def keep_lora_base(model: GPT, folder: Path, master: bool, start_step: int) -> N
     if not lora or start_step > 0 or lora["base"] != LORA_BASE_FILE:
         return
     state = gathered({name: value for name, value in model.state_dict().items() if ".lora_" not in name}, master)
-    if master:
-        base = dict(model=state, model_config=asdict(model.config), lora=None, source=lora["source"])
-        save_checkpoint_file(base, Path(folder) / LORA_BASE_FILE)
+    base = dict(model=state, model_config=asdict(model.config), lora=None, source=lora["source"])
+    rank0_decides(dist.is_initialized(), master, lambda: save_checkpoint_file(base, Path(folder) / LORA_BASE_FILE))
 
 
 def merge_lora(model: GPT) -> GPT:
@@ -1300,10 +1299,7 @@ def hellaswag_for_training(config, master: bool, ddp: bool, world_size: int) -> 
     downloads the val set if it must (now, not at step 250) while the others wait; then every rank reads it."""
     if not (config.hellaswag and config.eval_interval):
         return None, ""
-    if master:
-        find_hellaswag_data(config.hellaswag_data or None)
-    if ddp:
-        dist.barrier()
+    rank0_decides(ddp, master, lambda: find_hellaswag_data(config.hellaswag_data or None))  # the others wait
     path = find_hellaswag_data(config.hellaswag_data or None)
     examples = load_hellaswag(path, config.hellaswag_limit or None)
     return examples, f"HellaSwag: {len(examples):,} examples from {path}, split across {world_size} rank(s)"
@@ -1399,18 +1395,19 @@ def to_hf(model: GPT):
 def save_hf(model: GPT, out_dir) -> None:
     """Write a Hugging Face GPT-2 directory (weights, config, tokenizer): it loads with
     GPT2LMHeadModel.from_pretrained(out_dir), in pipelines and in lm-evaluation-harness."""
-    with quiet_transformers():
-        to_hf(model).save_pretrained(out_dir)
-    # GPT-2's tokenizer in Hugging Face's file format (vocab.json + merges.txt), from the vendored
-    # copies of OpenAI's files: AutoTokenizer.from_pretrained(out_dir) then needs no download.
-    shutil.copyfile(DATA_DIR / "encoder.json", Path(out_dir) / "vocab.json")
-    shutil.copyfile(DATA_DIR / "vocab.bpe", Path(out_dir) / "merges.txt")
-    tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": model.config.block_size,
-        **{k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")},
-    }
-    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    with folder_written_whole(out_dir, 4 * model.num_params(), "Hugging Face folder") as folder:  # all or nothing
+        with quiet_transformers():
+            to_hf(model).save_pretrained(folder)
+        # GPT-2's tokenizer in Hugging Face's file format (vocab.json + merges.txt), from the vendored
+        # copies of OpenAI's files: AutoTokenizer.from_pretrained(out_dir) then needs no download.
+        shutil.copyfile(DATA_DIR / "encoder.json", folder / "vocab.json")
+        shutil.copyfile(DATA_DIR / "vocab.bpe", folder / "merges.txt")
+        tokenizer_config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": model.config.block_size,
+            **{k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")},
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
 def load_model_to_train(config, checkpoint: dict | None, run: Run):

@@ -427,7 +427,7 @@ def main(argv=None):
     if args.json:
         write_json_atomically(args.json, dict(hardware=hardware, torch=torch.__version__, dtype=str(dtype), compile=args.compile,
                                               model=args.model, batch_size=args.batch_size, block_size=args.block_size,
-                                              rows=rows, optimisations=effects, decode_speed=DECODE_SPEED))
+                                              rows=rows, optimisations=effects, decode_speed=DECODE_SPEED), "--json")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def train_and_score(config: train_gpt2.Settings, rerun: bool = False) -> dict:
     )
     for checkpoint in log_dir.glob(plumbing.CHECKPOINT_GLOB):  # ~90 MB each with the optimizer state
         checkpoint.unlink()
-    result_path.write_text(json.dumps(dict(config=asdict(config), result=result), indent=1))
+    plumbing.write_json_atomically(result_path, dict(config=asdict(config), result=result))  # a full disk: one line
     return result
 
 
@@ -494,7 +494,7 @@ def main(argv=None):
         print_comparison(summary, args)
     print(f"\n({plumbing.format_duration(time.time() - started)} in all)")
     if args.json:
-        plumbing.write_json_atomically(args.json, dict(settings=vars(args), warmup_steps=warmup_steps(args), **summary))
+        plumbing.write_json_atomically(args.json, dict(settings=vars(args), warmup_steps=warmup_steps(args), **summary), "--json")
         print(f"wrote {args.json}")
 
 
