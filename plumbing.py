@@ -952,6 +952,14 @@ class Run:
         if error is None and problem:
             raise UserError(problem)
 
+    def already_finished(self) -> bool:
+        """Whether the run --resume continues has done its max_steps already (it says so: nothing to do)."""
+        if self.checkpoint is None or self.checkpoint["step"] < self.config.max_steps:
+            return False
+        self.say(f"that run already finished its {self.config.max_steps} steps: nothing to do "
+                 "(a larger --max_steps trains on)")
+        return True
+
     def start(self, start_step: int, checkpoint_bytes: int | None = None) -> None:
         """Every setting, the data, the model and the checkpoint are known to be good: only now may an
         earlier run's files go (--overwrite), and the log (appended on --resume) and the stop request start.

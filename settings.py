@@ -94,9 +94,13 @@ class RunSettings:
 
 
 def size_defaults(args) -> dict:
-    """--model's shape and recipe (with --preset fast, its fast_steps): defaults under a preset's and the flags'."""
+    """--model's shape and recipe (with --preset fast, its fast_steps): defaults under a preset's and the flags'.
+    GPT-2 124M's are train_gpt2.TrainConfig's own defaults (a test holds the two equal), which stay in force:
+    a learner who edits one there sees it take effect."""
     recipe = dict(GPT2_SIZES[args.model], **GPT2_RECIPES[args.model])
     fast_steps = recipe.pop("fast_steps")
+    if args.model == "gpt2":
+        recipe = {}
     if args.preset == "fast":
         recipe["max_steps"] = fast_steps
     return recipe
@@ -448,6 +452,38 @@ def estimate_memory(model, config, world_size: int, dtype: torch.dtype, device: 
     return MemoryEstimate(weights, gradients, optimizer, activations, available_memory(device))
 
 
+def resolve_compile(requested: str, device: str, say=print) -> bool:
+    """Whether the run compiles its model (--compile; auto: on CUDA), found out now rather than at the
+    first step, where a run without a C++ compiler (inductor's CPU kernels, Triton's launcher) would fail
+    with its log already started: --compile on is refused in one line, auto trains uncompiled, saying so."""
+    if not (requested == "on" or (requested == "auto" and device.startswith("cuda"))):
+        return False
+    problem = compile_problem(device)
+    if problem is None:
+        return True
+    if requested == "on":
+        raise UserError(f"--compile on: torch.compile cannot build kernels here ({problem}): install a C++ "
+                        "compiler (e.g. apt install g++) or train with --compile off")
+    say(f"note: torch.compile cannot build kernels here ({problem}): training uncompiled, slower (install "
+        "a C++ compiler, e.g. apt install g++, to compile)")
+    return False
+
+
+def compile_problem(device: str) -> str | None:
+    """None if torch.compile builds and runs a small kernel on the device, else why not, in one line."""
+    import random
+
+    scale = 1.0 + random.random()  # a constant of its own: the kernel is built, never found in a cache
+    try:
+        torch.compile(lambda x: x * scale + 1.0, dynamic=False)(torch.ones(8, device=device))
+    except Exception as e:  # inductor's errors vary with the version and what is missing
+        # Its first line names the cause (InvalidCxxCompiler: No working C++ compiler found ...); the rest
+        # is advice about tracebacks.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return (lines[0] if lines else type(e).__name__)[:200]
+    return None
+
+
 def checkpoint_bytes(model, config) -> int:
     """What a checkpoint of this run takes on disk: the weights it saves (a LoRA run's: those that train)
     and the optimizer's state (AdamW's two moments, Muon's momentum), all float32."""
@@ -470,6 +506,11 @@ def out_of_memory_advice(model, config, world_size: int, dtype: torch.dtype, dev
     if smaller:
         return line + (f"try --micro_batch_size {smaller[0]} (the same total batch, "
                        f"{config.micro_batch_size // smaller[0]}x the accumulation steps)")
+    state = estimate.weights + estimate.gradients + estimate.optimizer  # what no micro-batch size changes
+    if state > budget and not config.shard:
+        return line + (f"the weights and their training state alone take {state / 2**30:.1f} GiB: add --shard and "
+                       "run on several GPUs (torchrun --nproc_per_node=N), each keeps 1/N of them, or train a "
+                       "smaller --model")
     if not config.activation_checkpointing:
         return line + "even --micro_batch_size 1 does not fit: add --activation_checkpointing (and --shard on several GPUs)"
     if not config.shard:

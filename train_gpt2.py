@@ -5,7 +5,7 @@ GPT-2, from scratch, in a file that reads top to bottom.
     torchrun --standalone --nproc_per_node=8 train_gpt2.py  # the GPT-2 124M reproduction (FineWeb-Edu 10B)
 
 Part I, the story: a complete GPT-2 trainer, in the order you would explain it
-  1. the tokenizer                    6. training settings: one dataclass, also the command line
+  1. the tokenizer                    6. training settings, also the command line
   2. the model: attention, MLP, GPT   7. AdamW and the learning-rate schedule
   3. GPT-2's weights in               8. evaluation: the val loss
   4. sampling                         9. the training loop: gradient accumulation, DDP, eval, samples
@@ -51,7 +51,7 @@ from settings import (FIXED_ON_RESUME, LORA_TARGETS, PRESETS, SHAPE_SETTINGS, Ru
                       check_also_train, check_config, check_model_config, check_train_shards, check_val_shards,
                       checked_loader_position, checkpoint_bytes, describe_run, gpt2_tokenizer, load_hf_gpt2,
                       open_shard, optimizer_states, out_of_memory_advice, parse_hellaswag_line,
-                      prepare_quick_start_data, run_summary, size_defaults)
+                      prepare_quick_start_data, pretrained_shape, resolve_compile, run_summary, size_defaults)
 
 # Files that ship with the repo (the GPT-2 BPE ranks, Tiny Shakespeare).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -82,7 +82,7 @@ def get_tokenizer() -> tiktoken.Encoding:
 #
 # A stack of identical blocks, each "communicate, then compute": attention lets every position read
 # from the positions before it, then an MLP transforms each position on its own. Module names match
-# OpenAI's checkpoint (transformer.h.0.attn.c_attn, ...) so that loading it is a copy.
+# Hugging Face's GPT-2 (transformer.h.0.attn.c_attn, ...), so that loading its weights is a copy.
 
 
 @dataclass
@@ -196,7 +196,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        """Parameters, counting the tied embedding once (124,439,808 for GPT-2 small)."""
+        """Parameters, the tied embedding once: 124,439,808 for GPT-2 small (124,475,904 padded to 50,304)."""
         return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
 
     def forward(self, idx, targets=None):
@@ -399,12 +399,12 @@ class ValLoader:
 # ---------------------------------------------------------------------------------------------------
 # 6. Training settings
 #
-# One dataclass: its fields are the command-line flags (setting() gives each its --help text and the rule
-# its value must meet: plumbing.py), saved as train_config.json beside the log. The defaults are the GPT-2
-# 124M reproduction on FineWeb-Edu 10B, with the numbers of the GPT-3 paper's "small" model (GPT-2 itself
-# never published them). The extensions of Part II add settings of their own, each beside its section;
-# the command line takes them all ("Running it", at the end). settings.py holds the presets and the
-# checks that need several settings at once.
+# TrainConfig's fields are the story's command-line flags (setting() gives each its --help text and the
+# rule its value must meet: plumbing.py), saved as train_config.json beside the log. The defaults are the
+# GPT-2 124M reproduction on FineWeb-Edu 10B, with the numbers of the GPT-3 paper's "small" model (GPT-2
+# itself never published them). The extensions of Part II add settings of their own, each beside its
+# section; Settings, at the end, is all of them: the command line. settings.py holds the presets, the
+# other sizes' recipes (--model) and the checks that need several settings at once.
 
 
 @dataclass
@@ -445,12 +445,12 @@ class TrainConfig:
     log_dir: str = setting("log", "run folder: log.txt, train_config.json, checkpoints")
     checkpoint_interval: int = setting(1000, "steps between checkpoints (one is also written at the end)",
                                        rule="positive")
-    resume: bool = setting(False, "continue from the newest checkpoint in log_dir (starts fresh if there is none)")
+    resume: bool = setting(False, "continue from the newest checkpoint in log_dir (fresh if there is none)")
     # the machine
     device: str = setting("auto", "auto (cuda > mps > cpu) | cuda | cuda:N | mps | cpu")
     dtype: str = setting("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, else float32",
                          choices=("auto", "bfloat16", "float16", "float32"))
-    compile: str = setting("auto", "torch.compile the model (auto: on for CUDA)", choices=("auto", "on", "off"))
+    compile: str = setting("auto", "torch.compile the model (auto: on CUDA)", choices=("auto", "on", "off"))
     seed: int = setting(1337, "seed of the model init", rule="seed")
 
 
@@ -458,7 +458,7 @@ class TrainConfig:
 # 7. The optimizer and the learning-rate schedule
 
 
-def configure_optimizers(model: GPT, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
+def configure_optimizers(model: GPT, config: "Settings", device_type: str) -> list[torch.optim.Optimizer]:
     """AdamW for every trainable parameter, GPT-3's recipe (as a list: --optimizer muon, section 16, adds
     Muon). Each param group keeps its peak_lr; set_lr scales them all by the schedule."""
     if config.optimizer == "muon":
@@ -483,7 +483,7 @@ def adamw(params: list, config: TrainConfig, device_type: str) -> torch.optim.Ad
     )
 
 
-def lr_schedule(step: int, config: TrainConfig) -> float:
+def lr_schedule(step: int, config: "Settings") -> float:
     """How far up every peak learning rate is at this step, 0..1: GPT-3's schedule, a linear warmup over
     warmup_steps, then a cosine down to min_lr_ratio at max_steps. (--schedule wsd: section 16.)"""
     if config.schedule == "wsd":
@@ -548,7 +548,7 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
         # bf16 keeps fp32's range, so it needs no loss scaling, but only GPUs from Ampere on (A100, RTX 30xx,
         # H100) compute in it. Older ones (T4, V100) would emulate it, far slower: they get fp16.
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return torch.float32  # CPUs without bf16 units run bf16 slower than fp32; MPS is safest in fp32
+    return torch.float32  # on most CPUs bf16 runs slower than fp32 (few have bf16 units); MPS: the safest
 
 
 def mixed_precision(device: str, dtype: torch.dtype):
@@ -615,7 +615,7 @@ def train_step(model, optimizers, next_batch, grad_accum_steps: int, autocast, g
     return loss_value, norm_value, stepped
 
 
-def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
+def train(config: "Settings", ddp: bool, rank: int, local_rank: int, world_size: int, device: str) -> None:
     """Train as `config` says: from a new, pretrained or resumed model to max_steps, then a summary.
     Every rank runs this; rank 0 prints, logs and writes the checkpoints (plumbing.Run)."""
     master, device_type = rank == 0, device.split(":")[0]
@@ -623,11 +623,9 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
     # a shape of its own: the shape flags, which it ignores, may differ from the saved run's.)
     ignored = ("model", *SHAPE_SETTINGS) if config.init_from != "scratch" else ()
     with Run(config, master, ddp, device, fixed_on_resume=FIXED_ON_RESUME, ignored_on_resume=ignored) as run:
-        checkpoint = run.checkpoint
-        if checkpoint is not None and checkpoint["step"] >= config.max_steps:
-            run.say(f"that run already finished its {config.max_steps} steps: nothing to do "
-                    "(a larger --max_steps trains on)")
+        if run.already_finished():
             return
+        checkpoint = run.checkpoint
 
         # The batch: total_batch_size tokens per optimizer step, made of micro-batches of B sequences of
         # T tokens on each of world_size ranks, accumulated grad_accum_steps times.
@@ -644,8 +642,13 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         train_loader = TrainLoader(config.data_dir, B, T, rank, world_size, config.data_seed, device=device)
         val_loader = ValLoader(config.data_dir, B, T, config.val_tokens, rank, world_size, device)
 
-        # The model: a new GPT of the configured shape, or the one this run starts from (section 14: the run
-        # it resumes, a pretrained GPT-2, a checkpoint; with LoRA adapters if asked).
+        # The model: a new GPT of the configured shape, or one resumed, pretrained or with LoRA (section 14).
+        # Should it (or training it) not fit in memory, one line says which flag to change (section 15).
+        dtype = pick_dtype(config.dtype, device)
+        autocast, scaler = mixed_precision(device, dtype)
+        model = None
+        run.on_out_of_memory = lambda: out_of_memory_advice(model or model_plan(config, checkpoint), config,
+                                                            world_size, dtype, device)
         torch.manual_seed(config.seed)
         if checkpoint is None and config.init_from == "scratch":
             model = GPT(GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
@@ -653,11 +656,8 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         else:
             model, config = load_model_to_train(config, checkpoint, run)
         model.to(device)
-        dtype = pick_dtype(config.dtype, device)
-        autocast, scaler = mixed_precision(device, dtype)
         use_memory_options(model, config, dtype, device_type)  # the chunked loss, sharding, ... (11, 15)
         optimizers = configure_optimizers(model, config, device_type)
-        run.on_out_of_memory = lambda: out_of_memory_advice(model, config, world_size, dtype, device)
         start_step, val_loss, acc_norm = 0, None, None
         if checkpoint is not None:
             start_step, val_loss = restore_checkpoint(checkpoint, optimizers, scaler, train_loader, device,
@@ -669,11 +669,11 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
         # a few large kernels: `train_model` is the compiled model the optimizer step runs, `eval_model`
         # the one evaluation runs, compiled apart (compile_model says why). With several processes, DDP
         # wraps train_model: it averages the gradients of all ranks during backward.
-        use_compile = config.compile == "on" or (config.compile == "auto" and device_type == "cuda")
+        use_compile = resolve_compile(config.compile, device, run.say)  # auto: on for CUDA (settings.py)
         train_model, eval_model = compile_model(model) if use_compile else (model, model)
         if ddp and not is_sharded(model):  # (a sharded model, section 15, reduces its own gradients)
             train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
-        sampling_copy = None  # the model in the dtype sampling computes in, made at the first sample (10)
+        sampling_copy = None  # and a fourth: the weights in sampling's dtype, made at the first sample
 
         hellaswag_examples, hellaswag_line = hellaswag_for_training(config, master, ddp, world_size)  # (13)
         run.say(describe_run(config, model, device, dtype, use_compile, world_size, grad_accum_steps,
@@ -702,7 +702,7 @@ def train(config: TrainConfig, ddp: bool, rank: int, local_rank: int, world_size
 
             # once in a while: show what the model writes (rank 0; a sharded model's weights gathered first)
             if config.sample_interval and step > 0 and (step % config.sample_interval == 0 or last_step):
-                with run.timed("sample"):
+                with run.timed("sample"):  # with the KV cache: GPT.generate's tokens, faster (section 10)
                     # The compiled decode step replays as one CUDA graph on GPUs; a CPU gains nothing from it.
                     compile_step = use_compile and device_type == "cuda"
                     texts, sampling_copy = write_samples(model, config, dtype, sampling_copy, master,
@@ -1489,6 +1489,21 @@ def use_memory_options(model: GPT, config, dtype: torch.dtype, device_type: str)
         checkpoint_activations(model)
     if config.shard:  # each rank keeps 1/world_size of the weights and their training state
         shard_model(model, dtype)
+
+
+def model_plan(config, checkpoint: dict | None = None) -> GPT:
+    """The model a run will train, on the meta device (its shapes, no memory): what the out-of-memory
+    advice reasons about when building the model itself runs out."""
+    shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size)
+    if checkpoint is not None:
+        shape = {name: checkpoint["model_config"][name] for name in shape}
+    elif config.init_from != "scratch":
+        shape.update(pretrained_shape(config.init_from) or {})
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**shape, vocab_pad_multiple=config.vocab_pad_multiple))
+        if config.lora_rank:
+            add_lora(model, config.lora_rank, config.lora_alpha, split_list(config.lora_targets))
+    return model
 
 
 def checkpoint_activations(model: GPT) -> None:

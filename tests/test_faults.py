@@ -279,3 +279,29 @@ def test_json_and_folder_outputs_on_a_full_disk_leave_nothing_half_written(tmp_p
     with plumbing.folder_written_whole(tmp_path / "hf") as folder:
         (folder / "config.json").write_text(json.dumps({}))
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_compile_without_a_cxx_compiler_is_one_line_before_the_log_starts(shakespeare_shards, tmp_path):
+    """torch.compile needs a C++ compiler (inductor's CPU kernels; Triton's launcher on GPUs). Without one,
+    --compile on is refused before the log starts, so the same command with --compile off is not told that
+    the folder "already holds a run"; --compile auto on a GPU trains uncompiled, saying so."""
+    import sys
+
+    no_compiler = {"PATH": str(Path(sys.executable).parent)}  # python, and no g++, c++, cc or clang
+    result = run_script(TRAIN, "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "run", *TINY, "--max_steps", "2",
+                        "--compile", "on", env=no_compiler)
+    assert_one_line_error(result, "--compile on", "C++ compiler", "--compile off")
+    assert not (tmp_path / "run" / "log.txt").exists()
+    train(shakespeare_shards, tmp_path / "run", "--max_steps", "2", env=no_compiler)  # the same run, uncompiled
+
+
+def test_compile_auto_falls_back_with_a_note_where_it_cannot_build(monkeypatch):
+    notes = []
+    monkeypatch.setattr(settings, "compile_problem", lambda device: "InvalidCxxCompiler: No working C++ compiler found")
+    assert settings.resolve_compile("auto", "cuda", notes.append) is False
+    assert len(notes) == 1 and notes[0].startswith("note: torch.compile cannot build kernels here (InvalidCxxCompiler")
+    with pytest.raises(plumbing.UserError, match="--compile on: torch.compile cannot build kernels"):
+        settings.resolve_compile("on", "cpu", notes.append)
+    monkeypatch.setattr(settings, "compile_problem", lambda device: None)
+    assert settings.resolve_compile("auto", "cuda", notes.append) and not settings.resolve_compile("auto", "cpu")
+    assert settings.resolve_compile("off", "cuda") is False and len(notes) == 1

@@ -64,7 +64,7 @@ def test_help_lists_the_choices_the_on_off_defaults_and_the_presets():
     for choices in ("{adamw,muon}", "{cosine,wsd}", "{auto,bfloat16,float16,float32}", "{auto,on,off}", "{fast,shakespeare}"):
         assert choices in help_text
     flat = " ".join(help_text.split())
-    assert "continue from the newest checkpoint in log_dir (starts fresh if there is none) (default: off)" in flat
+    assert "continue from the newest checkpoint in log_dir (fresh if there is none) (default: off)" in flat
     assert "HellaSwag every eval_interval (needs hellaswag.py's data) (default: on)" in flat
     assert "fast: --optimizer muon --muon_lr 0.02" in help_text and "shakespeare: --data_dir tinyshakespeare_tokens" in help_text
 

@@ -204,3 +204,29 @@ def test_size_and_sharding_flags_are_checked(shakespeare_shards, tmp_path):
     assert_one_line_error(run("--model", "gpt2-huge"), "--model", "gpt2-huge")
     assert_one_line_error(run("--shard"), "--shard", "torchrun")
     assert_one_line_error(run("--shard", "--dtype", "float16"), "--shard", "float16")
+
+
+def test_out_of_memory_while_the_model_is_built_is_one_line_too(shakespeare_shards, tmp_path):
+    """GPT-2 XL's fp32 weights alone (6.2 GB) do not fit a process allowed 3 GiB: building the model runs
+    out, before any training state exists. The run ends with one line that says no micro-batch can help."""
+    limit = 3 * 2**30
+    command = [sys.executable, "-c", "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_DATA, "
+               f"({limit}, resource.RLIM_INFINITY)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+               str(REPO_ROOT / "train_gpt2.py"), "--data_dir", str(shakespeare_shards), "--log_dir", str(tmp_path / "run"),
+               "--model", "gpt2-xl", "--block_size", "64", "--micro_batch_size", "1", "--total_batch_size", "64",
+               "--eval_interval", "0", "--no-hellaswag", "--sample_interval", "0", "--device", "cpu", "--max_steps", "1",
+               "--val_tokens", "64"]
+    result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert_one_line_error(result, "out of memory with --micro_batch_size 1", "alone take", "add --shard")
+    assert not (tmp_path / "run" / "log.txt").exists()  # nothing started: the same command with --shard is not refused
+
+
+def test_gpt2_124m_recipe_is_train_configs_own_defaults():
+    """--model gpt2 (the default) applies no recipe over TrainConfig's defaults: they are the same numbers,
+    so a learner who edits a default in train_gpt2.py sees it take effect."""
+    defaults = t.TrainConfig()
+    recipe = dict(settings.GPT2_SIZES["gpt2"], **settings.GPT2_RECIPES["gpt2"])
+    assert all(getattr(defaults, name) == value for name, value in recipe.items() if name != "fast_steps")
+    args = t.parse_config([])
+    assert settings.size_defaults(type("Args", (), dict(model="gpt2", preset=None))) == {}
+    assert (args.n_layer, args.max_lr, args.max_steps) == (12, 6e-4, 19_073)
