@@ -161,7 +161,7 @@ def test_check_room_refuses_a_disk_without_room_for_one_checkpoint(tmp_path, mon
 def test_checkpoint_bytes_is_what_a_checkpoint_takes(shakespeare_shards, tmp_path):
     model = t.GPT(t.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
     for optimizer in ("adamw", "muon"):
-        config = t.TrainConfig(log_dir=str(tmp_path), optimizer=optimizer, max_steps=1)
+        config = t.Settings(log_dir=str(tmp_path), optimizer=optimizer, max_steps=1)
         optimizers = t.configure_optimizers(model, config, "cpu")
         loss = model(*t.TrainLoader(shakespeare_shards, 2, 32).next_batch())[1]
         loss.backward()
