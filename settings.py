@@ -52,7 +52,7 @@ GPT2_SIZES = {
 # micro_batch_size: what fits an 80 GB GPU with DDP, bf16 (estimate_memory, below).
 GPT2_RECIPES = {
     # GPT-3 Small: 6e-4, 2^19 tokens. 10B tokens: build-nanogpt's and llm.c's 124M runs pass GPT-2 124M's
-    # HellaSwag (cited); fast: README, "Where 8,000 steps comes from" (our estimate).
+    # HellaSwag (cited); fast: docs/recipes.md, "Where 8,000 steps comes from" (our estimate).
     "gpt2": dict(max_lr=6e-4, total_batch_size=2**19, warmup_steps=715, max_steps=19_073, fast_steps=8_000,
                  micro_batch_size=64),
     # GPT-3 Medium (350M) and llm.c's 350M: 3e-4, 2^19 (cited). 31.5B tokens: llm.c's 350M run (cited);
@@ -109,11 +109,11 @@ FAST_RECIPE = dict(optimizer="muon", muon_lr=0.02, max_lr=6e-3, schedule="wsd", 
 PRESETS = {
     # GPT-2 in fewer tokens: the fast recipe, 250 warmup steps, and the size's fast_steps (8,000 for 124M,
     # 4.2B tokens). The same GPT-2 (it exports to Hugging Face like any other); the evidence for each
-    # number is in README.md, "What a run costs".
+    # number is in docs/recipes.md.
     "fast": dict(FAST_RECIPE, warmup_steps=250),
-    # A quick start: a small GPT on Tiny Shakespeare, 5-13 minutes on a 2-core CPU, trained with the
+    # A quick start: a small GPT on Tiny Shakespeare, 5-20 minutes on a 2-core CPU, trained with the
     # fast recipe: val loss ~5.0 in 150 steps, where AdamW with a cosine schedule (the preset's recipe
-    # until 2026-11) ends at 5.88 and writes word salad (README, the quick start).
+    # until 2026-11) ends at 5.88 and writes word salad (docs/recipes.md, "The quick start's recipe").
     "shakespeare": dict(data_dir="tinyshakespeare_tokens", val_tokens=16_384, block_size=128, n_layer=4, n_head=4, n_embd=128,
                         total_batch_size=4096, micro_batch_size=32, **FAST_RECIPE, warmup_steps=20, max_steps=150,
                         eval_interval=25, hellaswag=False, sample_interval=75, num_samples=2, sample_prompt="ROMEO:",
@@ -422,8 +422,8 @@ def parse_hellaswag_line(line: str, where: str, num_endings: int) -> tuple[str, 
 def estimate_memory(model, config, world_size: int, dtype: torch.dtype, device: str,
                     micro_batch_size: int | None = None) -> MemoryEstimate:
     """What a process holds while it trains: a model of what PyTorch keeps, calibrated against the measured
-    peak on a CPU (tests/test_sizes.py holds it within 25% at two shapes) and on an H200 (README, "Every
-    GPT-2 size": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
+    peak on a CPU (tests/test_sizes.py holds it within 25% at two shapes) and on an H200 (docs/sizes.md,
+    "Memory": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
     c, B, T = model.config, micro_batch_size or config.micro_batch_size, config.block_size
     shards = world_size if config.shard else 1
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
