@@ -94,7 +94,7 @@ def read_hub_texts(source: HubSource, text_field="text", streaming=False, num_pr
         yield from batch[text_field]
 
 
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
 
 def find_input_files(inputs) -> list[Path]:
@@ -112,7 +112,7 @@ def find_input_files(inputs) -> list[Path]:
         for match in map(Path, matches):
             if match.is_dir():
                 raise UserError(f"{match} is a folder; name its files, e.g. '{match}/*.jsonl'")
-            if match.suffix not in LOCAL_SUFFIXES:
+            if not match.name.endswith(LOCAL_SUFFIXES):
                 raise UserError(f"{match}: unsupported file type (expected one of {', '.join(LOCAL_SUFFIXES)})")
             if match not in files:
                 files.append(match)
@@ -120,8 +120,9 @@ def find_input_files(inputs) -> list[Path]:
 
 
 def read_docs(inputs, text_field="text"):
-    """The documents in local files, in order: a .txt file is one document, a .jsonl line or a
-    .parquet row is one document (its `text_field`). Missing paths are reported at once."""
+    """The documents in local files, in order: a .txt file is one document, a .jsonl line (also of a
+    gzip-compressed .jsonl.gz) or a .parquet row is one document (its `text_field`). Missing paths are
+    reported at once."""
     files = find_input_files(inputs)
     return itertools.chain.from_iterable(_read_file(path, text_field) for path in files)
 
@@ -134,8 +135,8 @@ def _read_file(path: Path, text_field: str):
             raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
         if text:  # an empty file is no document, not an empty one
             yield text
-    elif path.suffix == ".jsonl":
-        for line_number, line in utf8_lines(path):  # a bad byte is reported with its line
+    elif path.name.endswith((".jsonl", ".jsonl.gz")):
+        for line_number, line in jsonl_lines(path):  # a bad byte is reported with its line
             if not line.strip():
                 continue
             try:
@@ -160,6 +161,24 @@ def _read_file(path: Path, text_field: str):
                     raise UserError(f"{path}: field {text_field!r} of a row is {type(text).__name__}, not text")
                 if text:
                     yield text
+
+
+def jsonl_lines(path: Path):
+    """(line number, line) of a .jsonl file, or of a .jsonl.gz file decompressed as it is read."""
+    if not path.name.endswith(".gz"):
+        yield from utf8_lines(path)
+        return
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                try:
+                    yield line_number, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except (OSError, EOFError) as e:  # not gzip (gzip.BadGzipFile is an OSError), or cut short (EOFError)
+        raise UserError(f"{path} is not a readable gzip file ({e})") from e
 
 
 def _text_of(record, text_field: str, where: str) -> str:
@@ -500,7 +519,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source", choices=[*HUB_SOURCES, "shakespeare"], default=None,
                         help="a FineWeb sample on the hub (default edu10B), or the vendored Tiny Shakespeare")
     parser.add_argument("--input", nargs="+", metavar="PATH",
-                        help="local .txt / .jsonl / .parquet files or globs instead of a --source")
+                        help="local .txt / .jsonl / .jsonl.gz / .parquet files or globs instead of a --source")
     parser.add_argument("--text_field", default="text", help="the field that holds the text (.jsonl, .parquet, hub)")
     parser.add_argument("--out_dir", help="where the shards go (default: per source, local_tokens/ for --input)")
     parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens per shard")

@@ -8,7 +8,8 @@ theirs beside their sections).
   2. the checks before any work starts: settings, model files and names, token shards, a resumed
      loader; each refuses bad input in one `error: ...` line that says what to do
   3. the memory a run will need, and which flag to change when it runs out
-  4. what a run prints: its settings resolved at the start, a summary at the end
+  4. what a run prints: its settings resolved at the start, a summary at the end, and the published
+     scores it is held against (BASELINES, also read by the notebooks)
 
 It knows GPT-2 (its sizes, its config, its published scores) but imports no file of the project other
 than plumbing.py: train_gpt2.py and the scripts import it, never the other way round.
@@ -51,7 +52,7 @@ GPT2_SIZES = {
 # micro_batch_size: what fits an 80 GB GPU with DDP, bf16 (estimate_memory, below).
 GPT2_RECIPES = {
     # GPT-3 Small: 6e-4, 2^19 tokens. 10B tokens: build-nanogpt's and llm.c's 124M runs pass GPT-2 124M's
-    # HellaSwag (cited); fast: README, "Where 8,000 steps comes from" (our estimate).
+    # HellaSwag (cited); fast: docs/recipes.md, "Where 8,000 steps comes from" (our estimate).
     "gpt2": dict(max_lr=6e-4, total_batch_size=2**19, warmup_steps=715, max_steps=19_073, fast_steps=8_000,
                  micro_batch_size=64),
     # GPT-3 Medium (350M) and llm.c's 350M: 3e-4, 2^19 (cited). 31.5B tokens: llm.c's 350M run (cited);
@@ -112,11 +113,11 @@ FAST_RECIPE = dict(optimizer="muon", muon_lr=0.02, max_lr=6e-3, schedule="wsd", 
 PRESETS = {
     # GPT-2 in fewer tokens: the fast recipe, 250 warmup steps, and the size's fast_steps (8,000 for 124M,
     # 4.2B tokens). The same GPT-2 (it exports to Hugging Face like any other); the evidence for each
-    # number is in README.md, "What a run costs".
+    # number is in docs/recipes.md.
     "fast": dict(FAST_RECIPE, warmup_steps=250),
-    # A quick start: a small GPT on Tiny Shakespeare, 5-13 minutes on a 2-core CPU, trained with the
+    # A quick start: a small GPT on Tiny Shakespeare, 5-20 minutes on a 2-core CPU, trained with the
     # fast recipe: val loss ~5.0 in 150 steps, where AdamW with a cosine schedule (the preset's recipe
-    # until 2026-11) ends at 5.88 and writes word salad (README, the quick start).
+    # until 2026-11) ends at 5.88 and writes word salad (docs/recipes.md, "The quick start's recipe").
     "shakespeare": dict(data_dir="tinyshakespeare_tokens", val_tokens=16_384, block_size=128, n_layer=4, n_head=4, n_embd=128,
                         total_batch_size=4096, micro_batch_size=32, **FAST_RECIPE, warmup_steps=20, max_steps=150,
                         eval_interval=25, hellaswag=False, sample_interval=75, num_samples=2, sample_prompt="ROMEO:",
@@ -425,8 +426,8 @@ def parse_hellaswag_line(line: str, where: str, num_endings: int) -> tuple[str, 
 def estimate_memory(model, config, world_size: int, dtype: torch.dtype, device: str,
                     micro_batch_size: int | None = None) -> MemoryEstimate:
     """What a process holds while it trains: a model of what PyTorch keeps, calibrated against the measured
-    peak on a CPU (tests/test_sizes.py holds it within 25% at two shapes) and on an H200 (README, "Every
-    GPT-2 size": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
+    peak on a CPU (tests/test_sizes.py holds it within 25% at two shapes) and on an H200 (docs/sizes.md,
+    "Memory": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
     c, B, T = model.config, micro_batch_size or config.micro_batch_size, config.block_size
     shards = world_size if config.shard else 1
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -522,15 +523,60 @@ def out_of_memory_advice(model, config, world_size: int, dtype: torch.dtype, dev
 # 4. What a run prints
 
 
-# OpenAI's GPT-2 of each size, for the summary at the end of a run: (parameters, val loss on the
-# FineWeb-Edu val shard, HellaSwag acc_norm in hellaswag.py's protocol). The notebooks hold the full
-# table with its sources; tests/test_notebooks.py keeps these numbers equal to theirs.
-GPT2_SCORES = {
-    "gpt2": (124_439_808, 3.2924, 0.2955),
-    "gpt2-medium": (354_823_168, None, 0.3752),
-    "gpt2-large": (774_030_080, None, 0.4320),
-    "gpt2-xl": (1_557_611_200, None, 0.4893),
+# What OpenAI's models score: the one table of baselines. The run summary, play.ipynb and benchmark.ipynb
+# all read it. A number means something only together with its protocol (GPT-2 124M scores 0.2955 or
+# 0.3114 on HellaSwag depending on how the four endings are scored), so every number is stored under the
+# protocol it was measured with, and only numbers of one protocol are compared.
+BASELINE_PROTOCOLS = {
+    "val_loss": "val loss, FineWeb-Edu (sample-10BT) val shard, T=1024",
+    "completion": "HellaSwag acc_norm, completion-style (our hellaswag.py), 10,042 val, zero-shot",
+    "harness": "HellaSwag acc_norm, lm-evaluation-harness (multiple-choice style), 10,042 val, zero-shot",
+    "gpt3_paper": "HellaSwag, GPT-3 paper's own scoring (per-token likelihood), dev set = 10,042 val, zero-shot",
 }
+# One row per model. HellaSwag entries are (acc, acc_norm); None: not published, as far as we know. The
+# GPT-3 paper reports one accuracy, picking the ending with the best per-token likelihood: an acc_norm.
+# Sources. completion, 124M and 1558M: build-nanogpt's hellaswag.py, whose scoring ours reproduces (fp32,
+# all 10,042 examples). completion, 350M and 774M: the reference lines of build-nanogpt's play.ipynb, which
+# puts 124M at 0.2945 and 1558M at 0.4889: the same protocol run another way, so expect +-0.001 between
+# runs. harness: the lm-evaluation-harness results quoted in build-nanogpt's hellaswag.py. gpt3_paper:
+# Brown et al. 2020, Table H.1. val_loss: build-nanogpt's play.ipynb, OpenAI's 124M checkpoint on its
+# FineWeb-Edu val shard.
+BASELINES = {
+    "GPT-2 124M": dict(params=124_439_808, val_loss=3.2924, completion=(0.2859, 0.2955), harness=(0.2892, 0.3114),
+                       gpt3_paper=None),
+    "GPT-2 350M": dict(params=354_823_168, val_loss=None, completion=(None, 0.3752), harness=None, gpt3_paper=None),
+    "GPT-2 774M": dict(params=774_030_080, val_loss=None, completion=(None, 0.4320), harness=None, gpt3_paper=None),
+    "GPT-2 1558M": dict(params=1_557_611_200, val_loss=None, completion=(0.3842, 0.4893), harness=(0.4004, 0.5089),
+                        gpt3_paper=None),
+    "GPT-3 Small 125M": dict(params=125_000_000, val_loss=None, completion=None, harness=None, gpt3_paper=(None, 0.337)),
+    "GPT-3 Medium 350M": dict(params=350_000_000, val_loss=None, completion=None, harness=None, gpt3_paper=(None, 0.436)),
+    "GPT-3 Large 760M": dict(params=760_000_000, val_loss=None, completion=None, harness=None, gpt3_paper=(None, 0.510)),
+    "GPT-3 XL 1.3B": dict(params=1_300_000_000, val_loss=None, completion=None, harness=None, gpt3_paper=(None, 0.547)),
+}
+# The rows of OpenAI's GPT-2 by --model name, as the summary at the end of a run quotes them:
+# (parameters, val loss on FineWeb-Edu's val shard, HellaSwag acc_norm in hellaswag.py's protocol).
+GPT2_SCORES = {
+    name: (BASELINES[row]["params"], BASELINES[row]["val_loss"], BASELINES[row]["completion"][1])
+    for name, row in (("gpt2", "GPT-2 124M"), ("gpt2-medium", "GPT-2 350M"), ("gpt2-large", "GPT-2 774M"),
+                      ("gpt2-xl", "GPT-2 1558M"))
+}
+
+
+def baselines_table(first_rows=()) -> str:
+    """BASELINES as a Markdown table, under first_rows (rows already formatted: a model of ours), then
+    what each column's protocol is."""
+    def number(value, digits=4) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    rows = ["| model | params | val loss | HellaSwag completion-style (acc / acc_norm) | harness acc_norm | GPT-3 paper |",
+            "|---|---:|---:|---:|---:|---:|", *first_rows]
+    for name, b in BASELINES.items():
+        completion = "n/a" if b["completion"] is None else " / ".join(number(v) for v in b["completion"])
+        harness = "n/a" if b["harness"] is None else number(b["harness"][1])
+        gpt3 = "n/a" if b["gpt3_paper"] is None else number(b["gpt3_paper"][1], 3)
+        rows.append(f"| {name} | {b['params'] / 1e6:,.0f}M | {number(b['val_loss'])} | {completion} | {harness} | {gpt3} |")
+    protocols = [f"- **{key}**: {text}" for key, text in BASELINE_PROTOCOLS.items()]
+    return "\n".join(rows) + "\n\n" + "\n".join(protocols)
 
 
 def describe_run(config, model, device: str, dtype, use_compile: bool, world_size: int,

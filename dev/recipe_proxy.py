@@ -7,8 +7,11 @@ A CPU proxy for the two training recipes: is `--preset fast` (Muon + WSD) better
     python dev/recipe_proxy.py --muon_lr 0.04 --decay_frac 0.4 --seeds 0   # compare other values
 
 Both recipes train the same small GPT (4 layers x 128 wide, T=128; the 50,304-token classifier is most
-of its 7.2M parameters and most of its cost) on the same tokens: 2,800 real FineWeb documents
-(../shared/data/fineweb_legal_sample.jsonl), whose last 8% are held out whole as the val set. Each run
+of its 7.2M parameters and most of its cost) on the same tokens: real FineWeb documents, by default the
+300 that ship in data/fineweb_legal_300.jsonl.gz (~0.5M tokens; see data/SOURCES.md), whose last 8% are
+held out whole as the val set. The figures in docs/recipes.md were measured on the 2,800 documents of
+the file these 300 open (--data fineweb_legal_sample.jsonl, 4.36M tokens); on the 300 the same runs
+end at other losses, so compare a change with a run on the same data. Each run
 is a complete training run with its own schedule, on one CPU thread, scored by the val loss of its
 final weights. The comparison reports:
 
@@ -56,7 +59,7 @@ import train_gpt2
 from plumbing import ArgumentParser, UserError, run_main
 from settings import PRESETS
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fineweb_legal_sample.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "fineweb_legal_300.jsonl.gz"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "gpt2_recipe_proxy"
 
 
@@ -77,7 +80,7 @@ def prepare_data(data_path, work_dir, val_fraction: float) -> Path:
     val_docs, train_docs = docs[-num_val:], docs[:-num_val]
     # Shard 0 is val: make it exactly the val documents, each opened by <|endoftext|>.
     val_tokens = sum(1 + len(fineweb.encode_document(doc)) for doc in val_docs)
-    out_dir = Path(work_dir) / f"{Path(data_path).stem}_val{num_val}docs"
+    out_dir = Path(work_dir) / f"{Path(str(data_path).removesuffix('.gz')).stem}_val{num_val}docs"
     with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # tqdm's bar: a second, not worth a screen
         fineweb.write_shards(val_docs + train_docs, out_dir, prefix="proxy", val_tokens=val_tokens,
                              source={"file": Path(data_path).name, "val": f"the last {num_val} documents"})
@@ -425,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="run the learning-rate sweep instead of the comparison")
     p.add_argument("--width_check", action="store_true",
                    help="instead: the best Muon learning rate at each of --widths, under both of Muon's lr scalings")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help=".jsonl (or .txt/.parquet) documents (default: %(default)s)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help=".jsonl or .jsonl.gz (or .txt/.parquet) documents (default: %(default)s)")
     p.add_argument("--val_fraction", type=float, default=0.08, help="the last fraction of documents held out as val")
     p.add_argument("--work_dir", default=str(DEFAULT_WORK_DIR), help="shards and runs, reused across calls (default: %(default)s)")
     p.add_argument("--rerun", action="store_true", help="train again even when a finished run has the same settings")

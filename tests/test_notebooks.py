@@ -1,11 +1,14 @@
-"""The notebooks, run the way a user runs them after cloning: a short quick-start training, then
-play.ipynb and benchmark.ipynb executed top to bottom, headless, against that run.
+"""The notebooks, as a reader meets them on the repository page and as a user runs them after cloning.
 
-The run is the quick start shortened to 6 steps on small batches, with HellaSwag on 20 examples (30-40 s
-on a shared 2-core CPU). The notebooks read it through the same environment variables a user would set,
-and must leave valid PNG figures and a sane benchmark.json in the run folder.
+On the page: both are committed executed, with their outputs (play.ipynb's plots among them), and the
+README's picture is one of play.ipynb's. After cloning: play.ipynb runs on the committed reference run
+alone (no checkpoint there), and both notebooks run top to bottom, headless, on a quick-start run
+shortened to 4 steps on small batches, with HellaSwag on 8 examples; they read it through the same
+environment variables a user would set, and must leave valid PNG figures and a benchmark.json whose
+numbers are the training's own.
 """
 
+import base64
 import json
 import math
 import re
@@ -22,7 +25,9 @@ import settings
 NOTEBOOKS = ("play.ipynb", "benchmark.ipynb")
 PLAY_FIGURES = ("loss.png", "hellaswag.png", "lr_norm.png", "tok_s.png", "position_embeddings.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-HELLASWAG_LIMIT = 20
+HELLASWAG_LIMIT = 8
+REFERENCE_RUN = REPO_ROOT / "reference_run" / "quick_start"
+README_PICTURE = REPO_ROOT / "docs" / "quick_start_loss.png"
 
 
 def read_notebook(name):
@@ -35,10 +40,6 @@ def assert_png(path):
     assert len(data) > 5_000, f"{path} is only {len(data)} bytes: an empty figure?"
 
 
-def cells_tagged(notebook, tag):
-    return [cell.source for cell in notebook.cells if tag in cell.metadata.get("tags", [])]
-
-
 def execute(name, env):
     """Run a notebook top to bottom in a fresh kernel whose cwd is the repo root (as when a user opens it
     there), with env added to the environment; returns the executed notebook. A failing cell raises
@@ -49,56 +50,86 @@ def execute(name, env):
     return notebook
 
 
+def code_outputs(notebook):
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+
+
 def printed(notebook) -> str:
-    return "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+    return "".join(output.get("text", "") for output in code_outputs(notebook))
+
+
+def images(notebook) -> list[bytes]:
+    return [base64.b64decode(output["data"]["image/png"]) for output in code_outputs(notebook)
+            if "image/png" in output.get("data", {})]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, shared_data):
-    """A finished quick-start run, with HellaSwag on, and the marks a real log can carry after a resume
-    or mid-write."""
+    """A finished quick-start run, shortened, with HellaSwag on, and the marks a real log can carry after
+    a resume or mid-write."""
     cwd = tmp_path_factory.mktemp("quickstart")  # the run prepares its shards here, as in a fresh clone
     result = run_script(
-        REPO_ROOT / "train_gpt2.py", "--preset", "shakespeare", "--max_steps", "6", "--eval_interval", "3",
-        "--sample_interval", "0", "--checkpoint_interval", "3", "--micro_batch_size", "8", "--total_batch_size", "1024",
-        "--hellaswag", "--hellaswag_data", shared_data / "hellaswag_val.jsonl", "--hellaswag_limit", HELLASWAG_LIMIT,
-        "--log_dir", cwd / "log", "--device", "cpu", cwd=cwd,
+        REPO_ROOT / "train_gpt2.py", "--preset", "shakespeare", "--max_steps", "4", "--eval_interval", "2",
+        "--sample_interval", "0", "--checkpoint_interval", "2", "--micro_batch_size", "8", "--total_batch_size", "1024",
+        "--val_tokens", "4096", "--hellaswag", "--hellaswag_data", shared_data / "hellaswag_val.jsonl",
+        "--hellaswag_limit", HELLASWAG_LIMIT, "--log_dir", cwd / "log", "--device", "cpu", cwd=cwd,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = cwd / "log"
-    assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == ["ckpt_000003.pt", "ckpt_000006.pt"]
+    assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == ["ckpt_000002.pt", "ckpt_000004.pt"]
     with open(run_dir / "log.txt", "a") as log:
-        # A resumed run evaluated step 5 again: this later line must win over the first.
-        log.write("5 val 9.8765\n")
+        # A resumed run evaluated step 3 again: this later line must win over the first.
+        log.write("3 val 9.8765\n")
         # A run still writing: half a line, no newline yet.
-        log.write("6 tra")
+        log.write("4 tra")
     return run_dir
 
 
-def test_notebooks_are_stored_without_outputs():
-    """Outputs (images, tracebacks, paths) would make every diff of a notebook unreadable."""
+def test_the_committed_notebooks_show_their_results():
+    """On the repository page a reader sees what each notebook does before running anything: every code
+    cell was run, in order, without an error; play.ipynb shows its plots, benchmark.ipynb its chart."""
     for name in NOTEBOOKS:
-        for cell in read_notebook(name).cells:
-            if cell.cell_type == "code":
-                assert cell.outputs == [] and cell.execution_count is None, f"{name} is stored with outputs"
-
-
-def test_notebooks_share_baselines_and_log_reader():
-    """The published numbers and the log reader appear in both notebooks: they must not drift apart."""
+        notebook = read_notebook(name)
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), f"{name}: not run top to bottom"
+        outputs = code_outputs(notebook)
+        assert not [o for o in outputs if o.output_type == "error"], f"{name} is stored with an error"
+        text = printed(notebook) + "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+        assert not re.search(r"/(tmp|work|home|Users)/", text), f"{name} shows a path of the machine it ran on"
+        assert (REPO_ROOT / name).stat().st_size < 1_000_000, f"{name} is too big for a readable diff"
     play, benchmark = read_notebook("play.ipynb"), read_notebook("benchmark.ipynb")
-    for tag in ("baselines", "read_log"):
-        assert len(cells_tagged(play, tag)) == 1, f"play.ipynb has no single cell tagged {tag}"
-        assert cells_tagged(play, tag) == cells_tagged(benchmark, tag), f"the {tag} cells differ"
+    assert len(images(play)) >= 3  # loss, learning rate and gradient norm, throughput (and more)
+    assert "last val: 4.9" in printed(play)  # the quick start's 150 steps end near 5
+    assert len(images(benchmark)) == 1 and "HellaSwag on 500 of 10,042 examples" in printed(benchmark)
 
 
-def test_the_training_summary_quotes_the_notebooks_numbers():
-    """settings.GPT2_SCORES (the end-of-run summary) holds the notebooks' GPT-2 figures, not others."""
-    namespace = {}
-    exec(cells_tagged(read_notebook("play.ipynb"), "baselines")[0], namespace)
-    baselines = namespace["BASELINES"]
+def test_the_readme_picture_is_one_of_plays():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"]({README_PICTURE.relative_to(REPO_ROOT)})" in readme
+    assert README_PICTURE.read_bytes() in images(read_notebook("play.ipynb"))
+
+
+def test_the_reference_run_is_the_quick_start():
+    """reference_run/quick_start holds the quick start's log and settings, and no checkpoint: the settings
+    are those `--preset shakespeare` gives today, so the reference is the run a user gets."""
+    assert sorted(p.name for p in REFERENCE_RUN.iterdir()) == ["log.txt", "train_config.json"]
+    recorded = json.loads((REFERENCE_RUN / "train_config.json").read_text())
+    preset = settings.PRESETS["shakespeare"]
+    assert {key: recorded[key] for key in preset} == preset and recorded["log_dir"] == "reference_run/quick_start"
+    log = (REFERENCE_RUN / "log.txt").read_text().splitlines()
+    assert log[-1].startswith(f"{preset['max_steps'] - 1} ")  # finished: the last step's lines
+
+
+def test_notebooks_read_the_one_table_of_baselines():
+    """The published scores live in settings.py (BASELINES, with their sources), where the end-of-run
+    summary reads them too; no notebook keeps a copy that could drift."""
+    for name in NOTEBOOKS:
+        sources = [cell.source for cell in read_notebook(name).cells if cell.cell_type == "code"]
+        assert any("from settings import" in s and "baselines_table" in s for s in sources), name
+        assert not any(re.search(r"^(BASELINES|PROTOCOLS|BASELINE_PROTOCOLS) = ", s, re.M) for s in sources), name
     for name, (params, val_loss, acc_norm) in settings.GPT2_SCORES.items():
-        row = next(row for row in baselines.values() if row["params"] == params)
-        assert (row["params"], row["val_loss"], row["completion"][1]) == (params, val_loss, acc_norm), name
+        row = next(row for row in settings.BASELINES.values() if row["params"] == params)
+        assert (row["val_loss"], row["completion"][1]) == (val_loss, acc_norm), name
 
 
 def test_kernel_runs_this_python():
@@ -108,6 +139,16 @@ def test_kernel_runs_this_python():
     assert argv[0] in ("python", "python3", sys.executable), f"the python3 kernel runs {argv[0]}, not {sys.executable}"
 
 
+def test_play_draws_the_reference_run_of_a_fresh_clone(tmp_path):
+    """A fresh clone has no log/: play.ipynb draws the committed reference run, and its sections on the
+    model, which need a checkpoint, say so instead of failing."""
+    notebook = execute("play.ipynb", {"RUN_DIR": str(REFERENCE_RUN.relative_to(REPO_ROOT)), "OUT_DIR": str(tmp_path)})
+    text = printed(notebook)
+    assert "the reference run" in text and "no checkpoint in reference_run/quick_start/" in text
+    assert re.search(r"last val: 4\.9\d+ at step 149", text)
+    assert_png(tmp_path / "loss.png")
+
+
 def test_play_draws_the_run(run_dir):
     for figure in PLAY_FIGURES:
         (run_dir / figure).unlink(missing_ok=True)
@@ -115,23 +156,24 @@ def test_play_draws_the_run(run_dir):
     for figure in PLAY_FIGURES:
         assert_png(run_dir / figure)
     text = printed(notebook)
-    assert re.search(r"hella \(3 steps\)", text)  # steps 0, 3 and 5
-    assert "last val: 9.8765 at step 5" in text  # the later line for step 5 won
-    assert re.search(r"last train: [\d.]+ at step 5\n", text)  # the half-written line of step 6 was left out
-    assert "ckpt_000006.pt (step 6)" in text  # the newest checkpoint
+    assert re.search(r"hella \(3 steps\)", text)  # steps 0, 2 and 3
+    assert "last val: 9.8765 at step 3" in text  # the later line for step 3 won
+    assert re.search(r"last train: [\d.]+ at step 3\n", text)  # the half-written line of step 4 was left out
+    assert "ckpt_000004.pt (step 4)" in text  # the newest checkpoint
     assert "ROMEO:" in text  # the samples continue the run's prompt
 
 
 def test_benchmark_measures_the_model(run_dir, shared_data):
-    """Benchmark the step-3 checkpoint: the training loop evaluated those very weights at step 3 (before
+    """Benchmark the step-2 checkpoint: the training loop evaluated those very weights at step 2 (before
     that step's update), on the same val tokens and HellaSwag examples, so the numbers must agree."""
     (run_dir / "benchmark.json").unlink(missing_ok=True)
     env = {
-        "MODEL": str(run_dir / "ckpt_000003.pt"),
+        "MODEL": str(run_dir / "ckpt_000002.pt"),
         "HELLASWAG_LIMIT": str(HELLASWAG_LIMIT),
         "HELLASWAG_DATA": str(shared_data / "hellaswag_val.jsonl"),
     }
-    execute("benchmark.ipynb", env)
+    notebook = execute("benchmark.ipynb", env)
+    assert f"HellaSwag on {HELLASWAG_LIMIT} of 10,042 examples" in printed(notebook)
     assert_png(run_dir / "benchmark.png")  # the run folder of the checkpoint
     results = json.loads((run_dir / "benchmark.json").read_text())
     logged = {}  # (step, stream) -> value, from the training's own log
@@ -139,19 +181,19 @@ def test_benchmark_measures_the_model(run_dir, shared_data):
         if len(line.split()) == 3:  # not the half-written last line
             step, stream, value = line.split()
             logged[int(step), stream] = float(value)
-    assert results["step"] == 3
+    assert results["step"] == 2
 
     # The val shards were found beside the run folder, where the training prepared them.
     assert results["val"]["data_dir"] == str(run_dir.parent / "tinyshakespeare_tokens")
-    assert results["val"]["tokens"] == 16_384  # the preset's val_tokens
-    # 3 steps from a uniform guess (ln 50257 = 10.8): the loss has barely moved, but it is the training's loss.
+    assert results["val"]["tokens"] == 4096  # the run's val_tokens
+    # 2 steps from a uniform guess (ln 50257 = 10.8): the loss has barely moved, but it is the training's loss.
     assert math.isfinite(results["val"]["loss"])
-    assert results["val"]["loss"] == pytest.approx(logged[(3, "val")], abs=1e-4)
+    assert results["val"]["loss"] == pytest.approx(logged[(2, "val")], abs=1e-4)
 
     hellaswag = results["hellaswag"]
     assert hellaswag["n"] == HELLASWAG_LIMIT
     assert 0 <= hellaswag["acc"] <= 1 and 0 <= hellaswag["acc_norm"] <= 1
-    assert round(hellaswag["acc_norm"], 4) == logged[(3, "hella")]
+    assert round(hellaswag["acc_norm"], 4) == logged[(2, "hella")]
 
-    assert results["throughput"]["median_tok_s"] > 0 and results["throughput"]["steps"] == 6
+    assert results["throughput"]["median_tok_s"] > 0 and results["throughput"]["steps"] == 4
     assert len(results["samples"]) == 4 and all(s.startswith("ROMEO:") for s in results["samples"])
