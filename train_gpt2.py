@@ -972,7 +972,7 @@ def write_samples(model: GPT, config: TrainConfig, dtype: torch.dtype, sampling_
 # the same loss and gradients as the plain F.cross_entropy of section 2 (the tests hold it to that),
 # for memory-bound runs such as fine-tuning a larger GPT-2 on a small GPU. On a GPU, torch.compile
 # fuses the plain loss well, so the plain loss is the default there; on a CPU, whose matmuls are slow,
-# the chunked one is faster too (README, Performance), and the default.
+# the chunked one is faster too (docs/performance.md), and the default.
 
 
 LOSS_CHUNK_ROWS = 1024  # 1024 x 50,304 fp32 logits: 206 MB at a time
@@ -1536,7 +1536,7 @@ def shard_model(model: GPT, dtype: torch.dtype) -> None:
 #
 # --optimizer muon changes how the weight matrices inside the blocks learn; --schedule wsd, how the
 # learning rate moves over the run. Together they are the fast recipe (--preset fast, and the quick
-# start), which reaches GPT-2's loss in fewer steps than GPT-3's AdamW with a cosine (README).
+# start), which reaches GPT-2's loss in fewer steps than GPT-3's AdamW with a cosine (docs/recipes.md).
 #
 # Muon (Jordan et al., 2024) is SGD with Nesterov momentum whose update, for each weight matrix, is
 # orthogonalised: a few Newton-Schulz iterations turn the momentum M = U S V^T into U V^T, every singular

@@ -2,7 +2,8 @@
 # Every GPU check and measurement in one command that fits a short GPU rental: one GPU, under ~8 minutes
 # of running, torch >= 2.11, no internet, nothing outside the checkout.
 #
-#   bash .ci/gpu_checks.sh --prepare --peers DIR    # here, once, with ../shared beside the repo: the data into .gpu/
+#   bash .ci/gpu_checks.sh --prepare --from SRC --peers DIR   # here, once: the data into .gpu/ (SRC: the project's
+#                                                             # shared data folder, CI's test data)
 #   bash .ci/gpu_checks.sh --out DIR                # on the GPU machine, in the checkout with .gpu/ copied along
 #   bash .ci/gpu_checks.sh --dry-run --out DIR      # the same steps at toy sizes on a CPU (the test suite runs it)
 #
@@ -44,17 +45,18 @@ cd "$(dirname "$0")/.."
 usage_error() { echo "error: $* (see the top of $0)" >&2; exit 2; }
 input_error() { echo "error: $*" >&2; exit 1; }
 from_caller() { case $1 in /*) echo "$1" ;; *) echo "$caller/$1" ;; esac; }
-DATA=.gpu OUT=${OUT:-gpu_results} DRY=0 PREPARE=0 PEERS=${GPU_CHECKS_PEERS:-}
+DATA=.gpu OUT=${OUT:-gpu_results} DRY=0 PREPARE=0 PEERS=${GPU_CHECKS_PEERS:-} SOURCE=${GPU_CHECKS_SOURCE:-}
 while (($#)); do
   case "$1" in
     --prepare) PREPARE=1 ;;
     --dry-run) DRY=1 ;;
-    --out | --data | --peers)
+    --out | --data | --peers | --from)
       (($# >= 2)) && [ -n "$2" ] || usage_error "$1 needs a value"
       case $1 in
         --out) OUT=$(from_caller "$2") ;;
         --data) DATA=$(from_caller "$2") ;;
         --peers) PEERS=$(from_caller "$2") ;;
+        --from) SOURCE=$(from_caller "$2") ;;
       esac
       shift ;;
     *) usage_error "unknown argument $1" ;;
@@ -67,8 +69,9 @@ if [ -z "$PY" ] || ! command -v "$PY" >/dev/null; then
 fi
 
 if ((PREPARE)); then
-  shared=../shared/data
-  [ -f "$shared/fineweb_legal_sample.jsonl" ] || input_error "$shared/fineweb_legal_sample.jsonl not found: run from a checkout with ../shared beside it"
+  [ -n "$SOURCE" ] || input_error "--prepare needs --from SRC (or GPU_CHECKS_SOURCE): the folder holding fineweb_legal_sample.jsonl, hellaswag_val.jsonl and tiktoken_cache/"
+  shared=$SOURCE
+  [ -f "$shared/fineweb_legal_sample.jsonl" ] || input_error "--from $shared: no fineweb_legal_sample.jsonl there"
   if [ -n "$PEERS" ]; then
     [ -d "$PEERS/build-nanogpt" ] && [ -d "$PEERS/llm.c" ] ||
       input_error "--peers $PEERS must hold build-nanogpt/ and llm.c/ (checkouts or git directories of both)"
@@ -106,7 +109,7 @@ for skip in "${skips[@]}"; do
   for part in "${PARTS[@]}"; do [[ $part == "$skip"* ]] && matches=1; done
   ((matches)) || input_error "GPU_CHECKS_SKIP: $skip is the start of no part's name (the parts: ${PARTS[*]})"
 done
-[ -d "$DATA/shards" ] && [ -f "$DATA/hellaswag_val.jsonl" ] || input_error "$DATA/ lacks shards/ or hellaswag_val.jsonl: run bash $0 --prepare first (where ../shared is)"
+[ -d "$DATA/shards" ] && [ -f "$DATA/hellaswag_val.jsonl" ] || input_error "$DATA/ lacks shards/ or hellaswag_val.jsonl: run bash $0 --prepare --from SRC first"
 peers=$DATA/peers real_peers=0
 if [ -f "$peers/build-nanogpt/train_gpt2.py" ] && [ -f "$peers/llm.c/train_gpt2.py" ] && [ -d "$DATA/tiktoken_cache" ] &&
   compgen -G "$peers/llmc_data/*train*.bin" >/dev/null; then

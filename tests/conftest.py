@@ -58,10 +58,54 @@ def script_env(env=None):
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
 
 
-def run_script(*args, cwd=REPO_ROOT, timeout=600, torchrun_procs=None, env=None):
-    """Run one of the repo's scripts to completion; returns the CompletedProcess (stdout, stderr text)."""
+# The scripts whose main(argv) a test may run inside its own process: what a user's command runs, minus the
+# ~4 s a fresh process spends importing torch (and torch._dynamo, which the optimizers import), which made
+# up most of the suite's time. A run under torchrun, with its own environment, or compiled (dynamo's caches
+# and recompile limits are per process) still gets a process of its own.
+IN_PROCESS = {"train_gpt2.py": "train_gpt2", "sample.py": "sample", "hellaswag.py": "hellaswag", "validate.py": "validate"}
+
+
+def run_script(*args, cwd=REPO_ROOT, timeout=600, torchrun_procs=None, env=None, in_process=None):
+    """Run one of the repo's scripts to completion, as `python script.py args` would; returns the
+    CompletedProcess (stdout, stderr text). in_process: run its main(argv) here (default: where it can)."""
+    words = [str(a) for a in args]
+    if in_process is None:
+        compiled = "--compile=on" in words or any(
+            a == "--compile" and b == "on" for a, b in zip(words, words[1:]))
+        in_process = Path(words[0]).name in IN_PROCESS and not (torchrun_procs or env or compiled)
+    if in_process:
+        return run_in_process(IN_PROCESS[Path(words[0]).name], words[1:], cwd)
     return subprocess.run(script_command(*args, torchrun_procs=torchrun_procs), cwd=cwd, env=script_env(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_process(module_name: str, argv: list[str], cwd) -> subprocess.CompletedProcess:
+    """module.main(argv) through plumbing.run_main, in this process and folder cwd, its output captured: the
+    exit code, stdout and stderr a process running `python module.py argv` would have given."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+
+    import plumbing
+
+    module = importlib.import_module(module_name)
+    out, err, code, here = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                plumbing.run_main(lambda: module.main(argv))
+            except SystemExit as e:  # sys.exit("error: ...") prints its message, as Python does at exit
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # a bug: its traceback, as an uncaught exception would print it
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess([module_name, *argv], code, out.getvalue(), err.getvalue())
 
 
 TRAIN = REPO_ROOT / "train_gpt2.py"

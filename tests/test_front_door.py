@@ -35,7 +35,8 @@ def test_every_link_leads_to_a_file_of_the_repo(page):
 
 def test_nothing_a_user_runs_or_reads_names_the_development_machines_data():
     """../shared holds the data of this project's CI and developers, not of a user's clone."""
-    files = [*PAGES, *REPO_ROOT.glob("*.py"), *(REPO_ROOT / "dev").glob("*.py"), *REPO_ROOT.glob("*.ipynb")]
+    files = [*PAGES, *REPO_ROOT.glob("*.py"), *(REPO_ROOT / "dev").glob("*.py"), *REPO_ROOT.glob("*.ipynb"),
+             *(REPO_ROOT / ".ci").glob("*.py"), REPO_ROOT / ".ci" / "gpu_checks.sh"]
     for path in files:
         assert "../shared" not in path.read_text() and "parents[2] / \"shared\"" not in path.read_text(), path
 
