@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         # The queries, keys and values of all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads back into the residual stream
-        self.c_proj.is_residual_projection = True  # see GPT._init_weights
+        self.c_proj.is_residual_projection = True  # the lecture's NANOGPT_SCALE_INIT: see GPT._init_weights
 
     def forward(self, x):
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -323,7 +323,7 @@ def to_device(window: np.ndarray, B: int, T: int, device: str):
 
 
 class TrainLoader:
-    """Shuffled (B, T) training batches for one rank, resumable."""
+    """Shuffled (B, T) training batches for one rank, resumable: the lecture's DataLoaderLite, grown up."""
 
     def __init__(self, data_dir, B: int, T: int, rank=0, world_size=1, seed=1337, vocab_size=50257,
                  device="cpu"):
@@ -484,7 +484,7 @@ def adamw(params: list, config: TrainConfig, device_type: str) -> torch.optim.Ad
 
 
 def lr_schedule(step: int, config: "Settings") -> float:
-    """How far up every peak learning rate is at this step, 0..1: GPT-3's schedule, a linear warmup over
+    """The lecture's get_lr, as a factor of each peak lr (0..1): GPT-3's schedule, a linear warmup over
     warmup_steps, then a cosine down to min_lr_ratio at max_steps. (--schedule wsd: section 16.)"""
     if config.schedule == "wsd":
         return wsd_schedule(step, config)  # section 16
@@ -664,11 +664,11 @@ def train(config: "Settings", ddp: bool, rank: int, local_rank: int, world_size:
                                                       rank)
             checkpoint = run.checkpoint = None  # its tensors are copied: free them
 
-        # One model, called three ways. `model` is the GPT itself: its weights are what the optimizers
-        # update and what checkpoints and samples read. torch.compile fuses its many small operations into
-        # a few large kernels: `train_model` is the compiled model the optimizer step runs, `eval_model`
-        # the one evaluation runs, compiled apart (compile_model says why). With several processes, DDP
-        # wraps train_model: it averages the gradients of all ranks during backward.
+        # One model, called three ways. `model` is the GPT itself (the lecture's raw_model): its weights are
+        # what the optimizers update and checkpoints and samples read. torch.compile fuses its many small
+        # operations into a few large kernels: `train_model` is the compiled model the optimizer step runs,
+        # `eval_model` the one evaluation runs, compiled apart (compile_model says why). With several
+        # processes, DDP wraps train_model: it averages the gradients of all ranks during backward.
         use_compile = resolve_compile(config.compile, device, run.say)  # auto: on for CUDA (settings.py)
         train_model, eval_model = compile_model(model) if use_compile else (model, model)
         if ddp and not is_sharded(model):  # (a sharded model, section 15, reduces its own gradients)
