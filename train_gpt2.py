@@ -10,7 +10,7 @@ Part I, the story: a complete GPT-2 trainer, in the order you would explain it
   3. GPT-2's weights in               8. evaluation: the val loss
   4. sampling                         9. the training loop: gradient accumulation, DDP, eval, samples
   5. the data loader: token shards, shuffled, split across GPUs
-Part II, extensions: each attached from outside the story, in a section that says what it adds
+Part II, extensions: attached from outside the model; train() calls them by name, each section says what
  10. the KV cache and the compiled decode step    14. loading any model; exporting to Hugging Face
  11. the memory-saving loss                       15. bigger models: sharding, activation checkpointing
  12. LoRA: fine-tuning a few parameters           16. a faster recipe: Muon and the WSD schedule
@@ -537,8 +537,8 @@ def evaluate_val_loss(model, val_loader: ValLoader, autocast, ddp: bool, progres
 # ---------------------------------------------------------------------------------------------------
 # 9. The training loop
 #
-# What train() calls (the dtype, torch.compile, one optimizer step), then train(). Its `run` is plumbing.Run:
-# the run folder and its lock, log.txt, the stop request, the checkpoint files.
+# The dtype, torch.compile and one optimizer step, then train(), which also calls Part II by name (each call
+# says its section). Its `run` is plumbing.Run: the run folder and lock, log.txt, the stop, the checkpoints.
 
 
 def pick_dtype(requested: str, device: str) -> torch.dtype:
