@@ -430,11 +430,9 @@ def estimate_memory(model, config, world_size: int, dtype: torch.dtype, device: 
     "Memory": within 10% for GPT-2 and medium, compiled, one GPU and sharded)."""
     c, B, T = model.config, micro_batch_size or config.micro_batch_size, config.block_size
     shards = world_size if config.shard else 1
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for _, p in trainable)
-    muon = sum(p.numel() for name, p in trainable if config.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2)
+    n_trainable, optimizer_bytes = trained_and_optimizer_bytes(model, config)
     weights, gradients = 4 * model.num_params() / shards, 4 * n_trainable / shards  # fp32 masters and gradients
-    optimizer = (8 * (n_trainable - muon) + 4 * muon) / shards  # AdamW's two moments, Muon's momentum
+    optimizer = optimizer_bytes / shards
     # Per token and layer, autograd keeps the inputs of the two LayerNorms in fp32, and in the compute
     # dtype the inputs of the four matmuls (C, C, C, 4C), q, k, v and attention's output (4C) and GELU's
     # input (4C): 15C values; checkpointing keeps the block's input only, and one block's worth again
@@ -485,16 +483,23 @@ def compile_problem(device: str) -> str | None:
     return None
 
 
-def checkpoint_bytes(model, config) -> int:
-    """What a checkpoint of this run takes on disk: the weights it saves (a LoRA run's: those that train)
-    and the optimizer's state (AdamW's two moments, Muon's momentum), all float32."""
+def trained_and_optimizer_bytes(model, config) -> tuple[int, int]:
+    """(the parameters that train, the bytes of their optimizer state in float32: AdamW's two moments, and
+    with --optimizer muon Muon's one momentum for the matrices inside the blocks, as train_gpt2 splits them)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for _, p in trainable)
     muon = sum(p.numel() for name, p in trainable if config.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2)
+    return n_trainable, 8 * (n_trainable - muon) + 4 * muon
+
+
+def checkpoint_bytes(model, config) -> int:
+    """What a checkpoint of this run takes on disk: the weights it saves (a LoRA run's: those that train)
+    and the optimizer's state, all float32."""
+    n_trainable, optimizer_bytes = trained_and_optimizer_bytes(model, config)
     # A tied weight is saved once, but twice when sharded (each gathered on its own).
     weights = (n_trainable if getattr(model, "lora", None) else sum(v.numel() for v in model.state_dict().values()) if config.shard
                else sum(p.numel() for p in model.parameters()))
-    return 4 * weights + 8 * (n_trainable - muon) + 4 * muon
+    return 4 * weights + optimizer_bytes
 
 
 def out_of_memory_advice(model, config, world_size: int, dtype: torch.dtype, device: str) -> str:
