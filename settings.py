@@ -190,7 +190,7 @@ def pretrained_shape(reference: str) -> dict | None:
             shape = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
             return shape if all(type(value) is int for value in shape.values()) else None
         model_config = load_checkpoint(path)["model_config"]  # memory-mapped: the weights are not read
-        shape = {name: model_config[name] for name in ("n_layer", "n_head", "n_embd")}
+        shape = {name: model_config[name] for name in SHAPE_SETTINGS}
         return shape if all(type(value) is int for value in shape.values()) else None
     except (UserError, OSError, KeyError, ValueError, TypeError):
         return None
@@ -201,7 +201,7 @@ def check_pretrained_shape(config, explicit) -> None:
     shape = pretrained_shape(config.init_from)
     if shape is None:
         return
-    claims = [(name, getattr(config, name), shape[name]) for name in ("n_layer", "n_head", "n_embd") if name in explicit]
+    claims = [(name, getattr(config, name), shape[name]) for name in SHAPE_SETTINGS if name in explicit]
     if "model" in explicit:
         claims += [("model", config.model, "another shape")] if GPT2_SIZES[config.model] != shape else []
     for name, value, actual in claims:
@@ -214,7 +214,7 @@ def check_model_shape(config, explicit) -> None:
     """--model sets the shape of a model trained from scratch; a preset's shape (--preset shakespeare's
     small GPT) would silently win over it, and train_config.json would name a model that never ran."""
     shape = GPT2_SIZES[config.model]
-    overridden = [name for name in ("n_layer", "n_head", "n_embd") if name not in explicit and getattr(config, name) != shape[name]]
+    overridden = [name for name in SHAPE_SETTINGS if name not in explicit and getattr(config, name) != shape[name]]
     if overridden:
         raise UserError(f"--model {config.model} has no effect beside --preset, which sets its own model ({config.n_layer} "
                         f"layers, {config.n_head} heads, {config.n_embd} wide): drop --model to train the preset's, or "
