@@ -1686,8 +1686,8 @@ def main(argv=None):
     finally:
         if ddp:
             # The model is gone with train(), but its attached forwards (sections 10, 11, 15) refer back to it:
-            # collected now, it lets go of the process group, which is then shut down here and not torn down
-            # with the interpreter, where gloo's threads may abort the process (seen once in CI's suite).
+            # collected now, DDP's model lets go of the process group, which is then shut down here and not
+            # left to the interpreter's teardown (plumbing.end_torchrun_process says why that matters).
             import gc
 
             gc.collect()

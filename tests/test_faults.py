@@ -224,6 +224,49 @@ def assert_torchrun_one_line(result, line, *fragments):
     assert f"traceback : {errors[0]}" in result.stderr  # torchrun's report: the root cause is our line
 
 
+HELD_GROUP = r'''
+import atexit, os, sys
+sys.path.insert(0, REPO)
+import torch, torch.distributed as dist
+import plumbing
+
+HELD = []
+
+
+def main():
+    dist.init_process_group("gloo")
+    HELD.append(dist.distributed_c10d._get_default_group())  # as torch's caches hold FSDP2's mesh, and its group
+    dist.barrier()
+    dist.all_reduce(torch.ones(1000))
+    dist.destroy_process_group()
+    atexit.register(lambda: print("teardown ran", flush=True))
+    print(f"rank {os.environ['RANK']} done")  # left in Python's buffer: the end must flush it
+    if os.environ["RANK"] == "1" and len(sys.argv) > 1:
+        raise plumbing.UserError(sys.argv[1])
+
+
+plumbing.run_main(main)
+'''
+
+
+def test_torchrun_processes_end_without_the_teardown_that_aborts_gloo(tmp_path):
+    """A process group that outlives destroy_process_group (torch's caches keep --shard's) is destroyed by
+    the interpreter's teardown, where gloo's threads abort the process ("terminate called without an
+    active exception", CI 2026-12-06) in about half of such 4-process runs: a torchrun process skips that
+    teardown, its output flushed and its exit code kept, a UserError's line included."""
+    script = tmp_path / "held_group.py"
+    script.write_text(f"REPO = {str(Path(__file__).parents[1])!r}\n" + HELD_GROUP)
+    buffered = {"PYTHONUNBUFFERED": ""}  # (the tests' default is unbuffered output)
+    result = run_script(script, torchrun_procs=4, env=buffered)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(result.stdout.count(f"rank {r} done") == 1 for r in range(4)), result.stdout
+    assert "teardown ran" not in result.stdout and "terminate" not in result.stderr
+
+    result = run_script(script, "--data_dir nowhere: give a folder of shards", torchrun_procs=2, env=buffered)
+    assert_torchrun_one_line(result, "error: --data_dir nowhere: give a folder of shards")
+    assert "rank 1 done" in result.stdout and "teardown ran" not in result.stdout
+
+
 def test_fineweb_on_a_disk_that_fills_keeps_its_shards_and_goes_on(tmp_path):
     """The val shard fits, the train shard does not: one line, no partial file, and the same command once
     there is room writes the shards of a run that never stopped, byte for byte."""
