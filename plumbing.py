@@ -71,9 +71,9 @@ def run_main_here(main) -> None:
 
 # A process group can outlive destroy_process_group: torch keeps FSDP2's device mesh, and with it the
 # group, in caches of its own, and FSDP's module, imported once the group exists (transformers imports
-# it), holds the group in default arguments. The interpreter's teardown then destroys the group last, and gloo's
-# threads may abort the process ("terminate called without an active exception", SIGABRT): torchrun
-# reports a failed run after a good one. (Measured on torch 2.13, CPU: a 4-process gloo run that holds
+# it), holds the group in default arguments. The interpreter's teardown then destroys the group last,
+# and gloo's threads may abort the process ("terminate called without an active exception", SIGABRT):
+# torchrun reports a failed run after a good one. (Measured on torch 2.13, CPU: a 4-process gloo run that holds
 # its group past destroy_process_group aborted in 4 of 6 launches, then 2 of 6; in 0 of 20 ended as
 # below.) So a torchrun process, its work done and its output flushed, ends with os._exit and the exit
 # code Python would have given; nothing is left to do by then (no threads of ours; files are closed as

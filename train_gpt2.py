@@ -1685,12 +1685,6 @@ def main(argv=None):
         train(config, ddp, rank, local_rank, world_size, device)
     finally:
         if ddp:
-            # The model is gone with train(), but its attached forwards (sections 10, 11, 15) refer back to it:
-            # collected now, DDP's model lets go of the process group, which is then shut down here and not
-            # left to the interpreter's teardown (plumbing.end_torchrun_process says why that matters).
-            import gc
-
-            gc.collect()
             dist.destroy_process_group()
 
 
